@@ -1,0 +1,1 @@
+"""Scaling-law fits, extrapolation, plots and reports over finished studies."""

@@ -1,0 +1,1 @@
+"""Model code: layer allocation, layers, the hybrid LM, parameter and FLOP accounting."""

@@ -1,0 +1,107 @@
+"""The model's typed config: the layer mix and the shape of every layer type."""
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, PositiveInt, model_validator
+
+from arch.allocation import ATTENTION, MAMBA1, MAMBA2, allocate_layers, validate_pattern
+
+
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys and silent type coercions are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _unit_interval(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{value} is not in [0, 1)")
+    return value
+
+
+Ratio = Annotated[float, AfterValidator(_unit_interval)]
+Pattern = Annotated[str, AfterValidator(validate_pattern)]
+
+
+class ModelConfig(StrictModel):
+    """One hybrid LM. The layer mix is given by ratios or by an explicit pattern.
+
+    With ratios, ``n_layers`` is required and the pattern is allocated as
+    Megatron-LM does. With a pattern, ``n_layers`` is its length. Given both,
+    the pattern's layer counts must equal the ratios' (Megatron-LM's rule for an
+    override pattern), so a resolved config always validates again.
+    """
+
+    d_model: PositiveInt = 64
+    n_layers: PositiveInt | None = None
+    attention_ratio: Ratio = 0.0
+    mlp_ratio: Ratio = 0.0
+    pattern: Pattern | None = None
+    vocab_size: PositiveInt = 256
+    tie_embeddings: bool = True
+    # attention
+    n_heads: PositiveInt = 4
+    n_kv_heads: PositiveInt | None = None  # None: as many as n_heads (no grouping)
+    rotary: bool = False  # the paper's hybrid uses no position embedding at all
+    # MLP
+    d_ffn: PositiveInt | None = None  # None: 4 * d_model
+    mlp_activation: Literal["squared_relu", "swiglu", "gelu"] = "squared_relu"
+    # Mamba-2 and Mamba-1
+    d_state: PositiveInt = 128
+    d_conv: PositiveInt = 4
+    expand: PositiveInt = 2
+    ssm_headdim: PositiveInt = 64
+    ssm_ngroups: PositiveInt = 1
+    chunk_size: PositiveInt = 256
+
+    @model_validator(mode="after")
+    def _resolve_pattern(self) -> "ModelConfig":
+        ratios = self.attention_ratio + self.mlp_ratio
+        if ratios > 1.0:
+            raise ValueError(f"attention_ratio + mlp_ratio = {ratios:g} exceeds 1")
+        if self.pattern is None:
+            if self.n_layers is None:
+                raise ValueError("n_layers is required when no pattern is given")
+            pattern = allocate_layers(self.n_layers, self.attention_ratio, self.mlp_ratio)
+        else:
+            pattern = self.pattern
+            if self.n_layers not in (None, len(pattern)):
+                raise ValueError(
+                    f"pattern {pattern!r} has {len(pattern)} layers but n_layers is {self.n_layers}"
+                )
+            if ratios > 0:
+                allocated = allocate_layers(len(pattern), self.attention_ratio, self.mlp_ratio)
+                if sorted(allocated) != sorted(pattern.replace(MAMBA1, MAMBA2)):
+                    raise ValueError(
+                        f"pattern {pattern!r} does not have the layer counts of "
+                        f"attention_ratio={self.attention_ratio:g}, "
+                        f"mlp_ratio={self.mlp_ratio:g} ({allocated!r}); give one or the other"
+                    )
+        self._check_shape(pattern)
+        # Frozen model: fill the derived fields once, here, so they are part of the id.
+        object.__setattr__(self, "pattern", pattern)
+        object.__setattr__(self, "n_layers", len(pattern))
+        return self
+
+    def _check_shape(self, pattern: str) -> None:
+        if ATTENTION in pattern:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}"
+                )
+            if self.n_heads % (self.n_kv_heads or self.n_heads):
+                raise ValueError(
+                    f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}"
+                )
+        if MAMBA2 in pattern:
+            d_inner = self.expand * self.d_model
+            if d_inner % self.ssm_headdim:
+                raise ValueError(
+                    f"expand * d_model = {d_inner} is not divisible by ssm_headdim "
+                    f"{self.ssm_headdim}"
+                )
+            if (d_inner // self.ssm_headdim) % self.ssm_ngroups:
+                raise ValueError(
+                    f"the {d_inner // self.ssm_headdim} Mamba-2 heads do not split into "
+                    f"ssm_ngroups {self.ssm_ngroups}"
+                )

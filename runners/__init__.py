@@ -1,0 +1,1 @@
+"""Study specs, trial expansion, training, scheduling and the command line."""

@@ -1,0 +1,204 @@
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from runners.spec import SpecError, load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """
+name: t
+model: {preset: tiny}
+training: {tokens: 1M}
+sweep:
+  attention_ratio: [0.0, 0.25, 0.5]
+  mlp_ratio: [0.0, 0.25, 0.25]
+  zip: [attention_ratio, mlp_ratio]
+  seed: [0, 1]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "runners.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_zip_and_cross(tmp_path):
+    _, trials = load_spec(write(tmp_path, GOOD))
+    points = [(t.model.attention_ratio, t.model.mlp_ratio, t.training.seed) for t in trials]
+    assert points == [
+        (0.0, 0.0, 0),
+        (0.0, 0.0, 1),
+        (0.25, 0.25, 0),
+        (0.25, 0.25, 1),
+        (0.5, 0.25, 0),
+        (0.5, 0.25, 1),
+    ]
+    assert [t.model.pattern for t in trials[::2]] == ["MMMM", "MM*-", "M**-"]
+    assert len({t.trial_id for t in trials}) == 6
+
+
+def test_presets_and_overrides(tmp_path):
+    spec = """
+    name: t
+    model: {preset: tiny, d_model: 96}
+    training: {preset: smoke, lr: 1.0e-3}
+    sweep: {size: [tiny, {d_model: 32, n_heads: 2}], tokens_per_param: [20]}
+    """
+    _, trials = load_spec(write(tmp_path, spec))
+    assert [t.model.d_model for t in trials] == [64, 32]
+    assert [t.model.n_heads for t in trials] == [4, 2]
+    assert all(t.training.lr == 1e-3 and t.training.tokens is None for t in trials)
+    assert trials[0].training.tokens_per_param == 20
+
+
+def test_pattern_sweep_sets_depth(tmp_path):
+    spec = "name: t\nmodel: {preset: tiny}\ntraining: {tokens: 2e6}\n"
+    spec += "sweep: {pattern: ['*-*-*-', Mm]}\n"
+    _, trials = load_spec(write(tmp_path, spec))
+    assert [(t.model.pattern, t.model.n_layers) for t in trials] == [("*-*-*-", 6), ("Mm", 2)]
+    assert trials[0].training.tokens == 2_000_000
+
+
+def test_default_study_plans():
+    result = cli("plan", "studies/smoke.yaml", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["study"] == "smoke"
+    assert {t["pattern"] for t in plan["trials"]} == {"*-*-", "MMMM", "mmmm", "M*M-"}
+
+
+def test_trial_ids_stable_across_processes(tmp_path):
+    path = write(tmp_path, GOOD)
+    first, second = cli("plan", str(path), "--json"), cli("plan", str(path), "--json")
+    ids = [t["id"] for t in json.loads(first.stdout)["trials"]]
+    assert ids == [t["id"] for t in json.loads(second.stdout)["trials"]]
+    _, trials = load_spec(path)
+    assert ids == [t.trial_id for t in trials]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("model", {"d_state": 17}),
+        ("model", {"rotary": True}),
+        ("data", {"seq_len": 129}),
+        ("training", {"lr": 0.0031}),
+        ("training", {"seed": 5}),
+        ("training", {"tokens": 1000001}),
+    ],
+)
+def test_any_change_changes_id(tmp_path, field, value):
+    _, (base,) = load_spec(
+        write(tmp_path, "name: t\nmodel: {preset: tiny}\ntraining: {tokens: 1M}\n")
+    )
+    changed = base.model_copy(update={field: getattr(base, field).model_copy(update=value)})
+    changed = type(base).model_validate(changed.model_dump())
+    assert changed.trial_id != base.trial_id
+
+
+MALFORMED = [
+    (
+        "unknown key",
+        "name: t\nmodel: {preset: tiny, d_modle: 3}\ntraining: {tokens: 1M}\n",
+        "model.d_modle: unknown key (did you mean 'd_model'?)",
+    ),
+    ("unknown top-level key", GOOD + "sweeps: {}\n", "sweeps: unknown key (did you mean 'sweep'?)"),
+    ("unknown sweep axis", GOOD.replace("seed:", "sed:"), "sweep.sed: unknown key"),
+    (
+        "wrong type",
+        "name: t\nmodel: {preset: tiny, d_model: big}\ntraining: {tokens: 1M}\n",
+        "model.d_model: 'big': Input should be a valid integer",
+    ),
+    (
+        "ratio out of range",
+        GOOD.replace("[0.0, 0.25, 0.5]", "[0.0, 0.25, 1.3]"),
+        "sweep.attention_ratio[2]: 1.3 is not in [0, 1)",
+    ),
+    (
+        "ratios sum past 1",
+        "name: t\nmodel: {n_layers: 8, attention_ratio: 0.6, mlp_ratio: 0.5}\n"
+        "training: {tokens: 1M}\n",
+        "attention_ratio + mlp_ratio = 1.1 exceeds 1",
+    ),
+    ("empty sweep", GOOD.replace("seed: [0, 1]", "seed: []"), "sweep.seed: is empty"),
+    (
+        "bad pattern symbol",
+        "name: t\nmodel: {pattern: M*X-}\ntraining: {tokens: 1M}\n",
+        "model.pattern: pattern 'M*X-' has unknown symbol(s) 'X'",
+    ),
+    (
+        "missing preset",
+        "name: t\nmodel: {preset: huge}\ntraining: {tokens: 1M}\n",
+        "model.preset: no preset 'huge' in configs/model/",
+    ),
+    ("YAML syntax error", "name: t\nmodel: {preset: tiny\n", "YAML syntax error"),
+    (
+        "zip lengths differ",
+        GOOD.replace("[0.0, 0.25, 0.25]", "[0.0, 0.25]"),
+        "sweep: zipped axes differ in length",
+    ),
+    (
+        "no token budget",
+        "name: t\nmodel: {preset: tiny}\n",
+        "training: give exactly one of tokens and tokens_per_param",
+    ),
+    (
+        "pattern length vs n_layers",
+        "name: t\nmodel: {pattern: M*, n_layers: 4}\ntraining: {tokens: 1M}\n",
+        "pattern 'M*' has 2 layers but n_layers is 4",
+    ),
+    (
+        "heads do not divide",
+        "name: t\nmodel: {pattern: '*-', d_model: 66}\ntraining: {tokens: 1M}\n",
+        "d_model 66 is not divisible by n_heads 4",
+    ),
+    (
+        "bad token count",
+        "name: t\nmodel: {preset: tiny}\ntraining: {tokens: lots}\n",
+        "training.tokens: 'lots' is not a count",
+    ),
+    ("duplicate trials", GOOD.replace("seed: [0, 1]", "seed: [1, 1]"), "gives the same trial as"),
+    ("spec not a mapping", "- a\n- b\n", "must be a mapping"),
+    ("missing name", "model: {preset: tiny}\ntraining: {tokens: 1M}\n", "name: Field required"),
+    (
+        "missing size preset",
+        GOOD.replace("seed: [0, 1]", "size: [tiny, gigantic]"),
+        "sweep.size[1]: no preset 'gigantic' in configs/size/",
+    ),
+]
+
+
+@pytest.mark.parametrize("case, text, expected", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_spec_one_line_exit_2(tmp_path, case, text, expected):
+    path = write(tmp_path, text)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = cli("plan", str(path))
+    assert result.returncode == 2, (case, result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {path}: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # wrote nothing
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec(tmp_path / "absent.yaml")
