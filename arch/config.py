@@ -19,6 +19,12 @@ def _unit_interval(value: float) -> float:
     return value
 
 
+def _closed_unit_interval(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{value} is not in [0, 1]")
+    return value
+
+
 Ratio = Annotated[float, AfterValidator(_unit_interval)]
 Pattern = Annotated[str, AfterValidator(validate_pattern)]
 
@@ -42,12 +48,15 @@ class ModelConfig(StrictModel):
     # attention
     n_heads: PositiveInt = 4
     n_kv_heads: PositiveInt | None = None  # None: as many as n_heads (no grouping)
-    rotary: bool = False  # the paper's hybrid uses no position embedding at all
+    # share of each head's channels rotated by RoPE: the paper's Transformer 0.5, its
+    # hybrid 0 (no position embedding at all)
+    rotary_fraction: Annotated[float, AfterValidator(_closed_unit_interval)] = 0.0
     # MLP
     d_ffn: PositiveInt | None = None  # None: 4 * d_model
     mlp_activation: Literal["squared_relu", "swiglu", "gelu"] = "squared_relu"
     # Mamba-2 and Mamba-1
     d_state: PositiveInt = 128
+    mamba1_d_state: PositiveInt = 16
     d_conv: PositiveInt = 4
     expand: PositiveInt = 2
     ssm_headdim: PositiveInt = 64

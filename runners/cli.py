@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 
+from arch.accounting import flops_per_token, param_counts
 from arch.allocation import layer_counts
 from runners.config import TrialConfig
 from runners.spec import SpecError, load_spec
@@ -11,14 +12,17 @@ from runners.spec import SpecError, load_spec
 
 def _row(trial: TrialConfig) -> dict:
     model, training = trial.model, trial.training
-    tokens = training.tokens if training.tokens else f"{training.tokens_per_param:g}/param"
+    params = param_counts(model)["total"]
+    flops = flops_per_token(model, trial.data.seq_len)["training"]
     return {
         "id": trial.trial_id,
         "pattern": model.pattern,
         **layer_counts(model.pattern),
         "d_model": model.d_model,
         "n_layers": model.n_layers,
-        "tokens": tokens,
+        "params": params,
+        "tokens": trial.tokens,
+        "train_flops": f"{flops * trial.tokens:.3g}",
         "lr": training.lr,
         "seed": training.seed,
     }

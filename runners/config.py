@@ -13,6 +13,7 @@ from pydantic import (
     model_validator,
 )
 
+from arch.accounting import param_counts
 from arch.config import ModelConfig, Ratio, StrictModel
 
 _SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
@@ -83,6 +84,13 @@ class TrialConfig(StrictModel):
     model: ModelConfig
     data: DataConfig = DataConfig()
     training: TrainingConfig
+
+    @property
+    def tokens(self) -> int:
+        """The token budget: absolute, or tokens_per_param times all parameters."""
+        if self.training.tokens is not None:
+            return self.training.tokens
+        return round(self.training.tokens_per_param * param_counts(self.model)["total"])
 
     @property
     def trial_id(self) -> str:

@@ -29,6 +29,8 @@ class SpecError(Exception):
 class Shape(StrictModel):
     """A model size: the shape fields a ``sweep.size`` entry may set."""
 
+    preset: str | None = None  # the configs/size/ name it came from, for labels
+
     d_model: PositiveInt | None = None
     n_layers: PositiveInt | None = None
     n_heads: PositiveInt | None = None
@@ -45,13 +47,22 @@ def _values(item: Any) -> Any:
 
 
 Axis = Literal[
-    "attention_ratio", "mlp_ratio", "pattern", "size", "tokens", "tokens_per_param", "lr", "seed"
+    "model",
+    "attention_ratio",
+    "mlp_ratio",
+    "pattern",
+    "size",
+    "tokens",
+    "tokens_per_param",
+    "lr",
+    "seed",
 ]
 
 
 class Sweep(StrictModel):
     """The axes a study varies. Each is a non-empty list of values."""
 
+    model: _values(dict[str, Any]) = None  # model presets from configs/model/, or inline
     attention_ratio: _values(Ratio) = None
     mlp_ratio: _values(Ratio) = None
     pattern: _values(Pattern) = None
@@ -109,8 +120,9 @@ def load_spec(path: str | Path) -> tuple[StudySpec, list[TrialConfig]]:
     for section in PRESET_SECTIONS:
         raw[section] = _apply_preset(path, section, raw.get(section, {}))
     sweep = raw.get("sweep")
-    if isinstance(sweep, dict) and isinstance(sweep.get("size"), list):
-        sweep["size"] = [_size(path, i, size) for i, size in enumerate(sweep["size"])]
+    for axis in ("model", "size"):
+        if isinstance(sweep, dict) and isinstance(sweep.get(axis), list):
+            sweep[axis] = [_named(path, axis, i, value) for i, value in enumerate(sweep[axis])]
     try:
         spec = StudySpec.model_validate(raw)
     except ValidationError as err:
@@ -157,8 +169,11 @@ def _apply_preset(path: Path, section: str, value: Any) -> Any:
     return {**base, **overrides}
 
 
-def _size(path: Path, index: int, size: Any) -> Any:
-    return _preset(path, f"sweep.size[{index}]", "size", size) if isinstance(size, str) else size
+def _named(path: Path, axis: str, index: int, value: Any) -> Any:
+    """A sweep value given as a preset name becomes the preset's fields."""
+    if not isinstance(value, str):
+        return value
+    return {"preset": value, **_preset(path, f"sweep.{axis}[{index}]", axis, value)}
 
 
 def _describe(path: Path, err: ValidationError, prefix: str = "") -> str:
@@ -245,19 +260,21 @@ def expand(spec: StudySpec, path: Path) -> list[TrialConfig]:
 
 def _show(value: Any) -> str:
     if isinstance(value, Shape):
-        return (
-            "{"
-            + ", ".join(f"{k}={v}" for k, v in value.model_dump(exclude_none=True).items())
-            + "}"
-        )
+        value = value.model_dump(exclude_none=True)
+    if isinstance(value, dict):
+        if "preset" in value:
+            return value["preset"]
+        return "{" + ", ".join(f"{k}={v}" for k, v in value.items()) + "}"
     return repr(value) if isinstance(value, str) else str(value)
 
 
 def _trial_dict(spec: StudySpec, point: dict[str, Any]) -> dict:
     """The base trial with one sweep point applied on top."""
     model, data, training = dict(spec.model), dict(spec.data), dict(spec.training)
+    if "model" in point:
+        model.update({k: v for k, v in point["model"].items() if k != "preset"})
     if "size" in point:
-        model.update(point["size"].model_dump(exclude_none=True))
+        model.update(point["size"].model_dump(exclude_none=True, exclude={"preset"}))
     if "pattern" in point:
         # The pattern decides the depth and the mix; drop the base's ratios and depth.
         model.update(pattern=point["pattern"], attention_ratio=0.0, mlp_ratio=0.0)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from arch.accounting import param_counts
 from runners.spec import SpecError, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +97,7 @@ def test_trial_ids_stable_across_processes(tmp_path):
     "field, value",
     [
         ("model", {"d_state": 17}),
-        ("model", {"rotary": True}),
+        ("model", {"rotary_fraction": 0.5}),
         ("data", {"seq_len": 129}),
         ("training", {"lr": 0.0031}),
         ("training", {"seed": 5}),
@@ -202,3 +203,16 @@ def test_malformed_spec_one_line_exit_2(tmp_path, case, text, expected):
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match="no such file"):
         load_spec(tmp_path / "absent.yaml")
+
+
+def test_model_axis_takes_presets():
+    _, trials = load_spec(ROOT / "studies" / "paper_8b.yaml")
+    counts = {t.model.pattern.count("*"): t.model.n_layers for t in trials}
+    assert counts == {32: 64, 0: 56, 4: 56}
+    assert all(t.tokens == 1_100_000_000_000 for t in trials)
+
+
+def test_tokens_per_param_resolves_against_counted_params(tmp_path):
+    spec = "name: t\nmodel: {preset: tiny}\ntraining: {tokens_per_param: 20}\n"
+    _, (trial,) = load_spec(write(tmp_path, spec))
+    assert trial.tokens == round(20 * param_counts(trial.model)["total"])

@@ -1,0 +1,116 @@
+"""The attention and MLP layers of the paper's models, and the RMSNorm every block uses.
+
+Each layer maps (batch, seqlen, d_model) to the same shape and takes an optional
+``cache`` dict for decoding: ``None`` for training, an empty dict to prefill (the
+layer fills it), a filled dict to continue from it one or more tokens at a time.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def rotary_tables(positions: Tensor, dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape (seqlen, dim // 2) for the rotated part of each head."""
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=positions.device).float() / dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first 2 * cos.shape[-1] channels of x (batch, heads, seqlen, head_dim)."""
+    rot = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped-query heads, no biases, optional rotary."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        rotary_fraction: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
+        self.head_dim = d_model // n_heads
+        # rotate an even number of channels per head; 0 means no position embedding at all
+        self.rotary_dim = int(self.head_dim * rotary_fraction) // 2 * 2
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.kv_proj = nn.Linear(d_model, 2 * kv_dim, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+        batch, seqlen, _ = x.shape
+        q = self.q_proj(x).view(batch, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = (
+            self.kv_proj(x)
+            .view(batch, seqlen, 2, self.n_kv_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)
+        )
+        start = cache["k"].shape[2] if cache else 0
+        if self.rotary_dim:
+            positions = torch.arange(start, start + seqlen, device=x.device)
+            cos, sin = rotary_tables(positions, self.rotary_dim)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            if cache:
+                k = torch.cat((cache["k"], k), dim=2)
+                v = torch.cat((cache["v"], v), dim=2)
+            cache["k"], cache["v"] = k, v
+        # New queries sit at the end of the keys: causal with that offset.
+        if start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            keys = k.shape[2]
+            mask = torch.ones(seqlen, keys, dtype=torch.bool, device=x.device).tril(keys - seqlen)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, seqlen, -1))
+
+
+_ACTIVATIONS = {
+    "squared_relu": lambda x: F.relu(x).square(),
+    "gelu": F.gelu,
+}
+
+
+class MLP(nn.Module):
+    """The paper's MLP: up-projection, activation, down-projection, no biases.
+
+    The Transformer uses squared ReLU, the hybrid Megatron-LM's default GeLU; SwiGLU
+    (gated, two up-projections) is offered for comparison with Llama-style models.
+    """
+
+    def __init__(self, d_model: int, d_ffn: int, activation: str = "squared_relu") -> None:
+        super().__init__()
+        self.activation = activation
+        gated = activation == "swiglu"
+        self.up_proj = nn.Linear(d_model, (2 if gated else 1) * d_ffn, bias=False)
+        self.down_proj = nn.Linear(d_ffn, d_model, bias=False)
+
+    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+        h = self.up_proj(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = _ACTIVATIONS[self.activation](h)
+        return self.down_proj(h)
