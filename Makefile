@@ -4,15 +4,23 @@ VENV   ?= .venv
 STUDY  ?= studies/smoke.yaml
 # One torch release for every machine: the CPU build where there is no CUDA wheel, a CUDA build elsewhere.
 TORCH  ?= torch==2.13.0
+PORT   ?= 5000
 BIN    := $(VENV)/bin
 
-.PHONY: study plan test lint clean
+.PHONY: study plan results dashboard test lint clean
 
 study: $(VENV)/.installed
-	$(BIN)/hybridscale plan $(STUDY)
+	$(BIN)/hybridscale study $(STUDY)
 
 plan: $(VENV)/.installed
 	$(BIN)/hybridscale plan $(STUDY)
+
+results: $(VENV)/.installed
+	$(BIN)/hybridscale results $(STUDY)
+
+# The MLflow UI over the local store, on this machine only.
+dashboard: $(VENV)/.installed
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/results/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

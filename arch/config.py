@@ -43,7 +43,7 @@ class ModelConfig(StrictModel):
     attention_ratio: Ratio = 0.0
     mlp_ratio: Ratio = 0.0
     pattern: Pattern | None = None
-    vocab_size: PositiveInt = 256
+    vocab_size: PositiveInt = 264  # the byte tokenizer (256 + end-of-text), padded to 8
     tie_embeddings: bool = True
     # attention
     n_heads: PositiveInt = 4

@@ -1,13 +1,14 @@
-"""The ``hybridscale`` command line."""
+"""The ``hybridscale`` command line: plan, train, study, results."""
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from arch.accounting import flops_per_token, param_counts
 from arch.allocation import layer_counts
 from runners.config import TrialConfig
-from runners.spec import SpecError, load_spec
+from runners.spec import SpecError, load_spec, load_trial
 
 
 def _row(trial: TrialConfig) -> dict:
@@ -28,9 +29,15 @@ def _row(trial: TrialConfig) -> dict:
     }
 
 
-def _print_table(rows: list[dict]) -> None:
-    columns = list(rows[0])
-    cells = [[str(row[c]) for c in columns] for row in rows]
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for r in cells:
@@ -44,17 +51,105 @@ def plan(args: argparse.Namespace) -> int:
         print(json.dumps({"study": spec.name, "trials": out}, indent=2))
     else:
         print(f"study {spec.name}: {len(trials)} trial(s)")
-        _print_table([_row(t) for t in trials])
+        print_table([_row(t) for t in trials])
     return 0
+
+
+def _study_options(args: argparse.Namespace):
+    from runners.scheduler import StudyOptions
+
+    return StudyOptions(
+        results_dir=Path(args.results), tracking_uri=args.tracking_uri,
+        address=getattr(args, "address", None), max_retries=getattr(args, "retries", 2),
+        device=getattr(args, "device", None), cpus=getattr(args, "cpus", None),
+    )  # fmt: skip
+
+
+def study(args: argparse.Namespace) -> int:
+    spec, trials = load_spec(args.spec)  # every error surfaces before Ray starts
+    from runners.scheduler import run_study
+
+    options = _study_options(args)
+    rows = run_study(spec, trials, options)
+    _print_results(rows)
+    failed = [r for r in rows if r["status"] != "finished"]
+    for row in failed:
+        print(f"trial {row['trial']} {row['status']}: {row['reason']}", file=sys.stderr)
+    print(f"\nBrowse the runs: make dashboard  (MLflow UI over {options.uri()})")
+    return 1 if failed else 0
+
+
+def results(args: argparse.Namespace) -> int:
+    spec, trials = load_spec(args.spec)
+    from mlflow.tracking import MlflowClient
+
+    from runners.scheduler import summary_rows
+
+    options = _study_options(args)
+    client = MlflowClient(options.uri())
+    if client.get_experiment_by_name(spec.name) is None:
+        print(f"error: no runs of study {spec.name!r} in {options.uri()}", file=sys.stderr)
+        return 2
+    _print_results(summary_rows(client, spec.name, trials, {}))
+    return 0
+
+
+def _print_results(rows: list[dict]) -> None:
+    hidden = {"run_id", "reason"}
+    print_table([{k: v for k, v in row.items() if k not in hidden} for row in rows])
+
+
+def train(args: argparse.Namespace) -> int:
+    trial = load_trial(args.config, args.set)
+    from runners.tracking import default_tracking_uri
+    from runners.train import TrainOptions, train_trial
+
+    results = Path(args.results)
+    options = TrainOptions(
+        workdir=results / "trials", data_dir=results / "data", device=args.device,
+        tracking_uri=args.tracking_uri or default_tracking_uri(results),
+    )  # fmt: skip
+    outcome = train_trial(trial, options)
+    print(json.dumps({"trial": trial.trial_id, "status": outcome.status,
+                      "reason": outcome.reason, **outcome.metrics}, indent=2))  # fmt: skip
+    return 0 if outcome.status == "finished" else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hybridscale", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
     p = commands.add_parser("plan", help="print a study's trials without computing anything")
     p.add_argument("spec", help="a study spec, e.g. studies/smoke.yaml")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(run=plan)
+
+    def storage(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--results", default="results", help="results folder (default results/)")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in results/)")
+
+    p = commands.add_parser("study", help="run a study's unfinished trials on Ray")
+    p.add_argument("spec")
+    p.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS or local)")
+    p.add_argument("--retries", type=int, default=2, help="retries of a crashed trial")
+    p.add_argument("--device", help="force a torch device, e.g. cpu")
+    p.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
+    storage(p)
+    p.set_defaults(run=study)
+
+    p = commands.add_parser("results", help="print a study's results table from MLflow")
+    p.add_argument("spec")
+    storage(p)
+    p.set_defaults(run=results)
+
+    p = commands.add_parser("train", help="train one trial config")
+    p.add_argument("config", help="YAML with model/data/training sections")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set training.lr=1e-3")  # fmt: skip
+    p.add_argument("--device", help="force a torch device, e.g. cpu")
+    storage(p)
+    p.set_defaults(run=train)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -130,6 +130,32 @@ def load_spec(path: str | Path) -> tuple[StudySpec, list[TrialConfig]]:
     return spec, expand(spec, path)
 
 
+def load_trial(path: str | Path, overrides: list[str] = ()) -> TrialConfig:
+    """One trial from a YAML of ``model``/``data``/``training`` sections (presets allowed),
+    with ``key.path=value`` overrides (values read as YAML)."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the config must be a mapping of keys to values")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {item!r}: write key.path=value")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    for section in PRESET_SECTIONS:
+        raw[section] = _apply_preset(path, section, raw.get(section, {}))
+    try:
+        return TrialConfig.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_describe(path, err)) from None
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text()

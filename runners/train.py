@@ -1,0 +1,294 @@
+"""Train one trial: a thin loop over (seed, step)-determined batches, resumable from
+atomic checkpoints, logging everything to one MLflow run.
+
+The loop's state is (model, optimizer, step, RNG states, history); the data position
+is the step itself, because batch ``step`` is drawn from (seed, step) alone. So a
+resumed trial continues the exact loss curve an uninterrupted one would have drawn.
+"""
+
+import contextlib
+import json
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from mlflow.tracking import MlflowClient
+
+from arch.accounting import flops_per_token, param_counts
+from arch.allocation import layer_counts
+from arch.model import HybridLM
+from runners.config import TrialConfig
+from runners.data import TrialData, open_data
+from runners.optim import lr_at, make_optimizer
+from runners.tracking import RunLog, experiment_id, flatten
+
+# Dense bf16 peak of the GPUs MFU is reported against (FLOP/s).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+class TrialDiverged(Exception):
+    pass
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    status: str  # finished | diverged | oom | failed | interrupted
+    run_id: str
+    metrics: dict = field(default_factory=dict)
+    reason: str = ""
+
+
+@dataclass
+class TrainOptions:
+    """How to run a trial (not what it is: nothing here changes its result)."""
+
+    workdir: Path  # checkpoints live in workdir / trial_id
+    tracking_uri: str
+    data_dir: Path
+    experiment: str = "hybridscale"
+    parent_run_id: str | None = None
+    tags: dict = field(default_factory=dict)
+    device: str | None = None
+    checkpoint_every: int = 50  # steps
+    log_every: int = 1
+    stop_after_steps: int | None = None  # stop early as if interrupted (tests, time limits)
+
+
+def _device(options: TrainOptions) -> torch.device:
+    return torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    """Write aside, then rename: a crash mid-write never leaves a torn checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, trial: TrialConfig, options: TrainOptions) -> None:
+        self.trial, self.options = trial, options
+        self.device = _device(options)
+        self.dir = options.workdir / trial.trial_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = self.dir / "checkpoint.pt"
+        self.data: TrialData = open_data(trial.data, options.data_dir)
+        if self.data.vocab_size > trial.model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size {trial.model.vocab_size} is smaller than the tokenizer's "
+                f"{self.data.vocab_size}"
+            )
+        t = trial.training
+        self.seq_len = trial.data.seq_len
+        self.tokens_per_step = t.batch_size * self.seq_len
+        self.total_steps = max(1, math.ceil(trial.tokens / self.tokens_per_step))
+        self.micro = t.micro_batch_size or t.batch_size
+        torch.manual_seed(t.seed)
+        self.model = HybridLM(trial.model).to(self.device)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.optimizer = make_optimizer(self.model, t, fused=self.device.type == "cuda")
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if bf16
+            else contextlib.nullcontext()
+        )
+        self.step, self.history, self.run_id = 0, [], None
+        self.flops_per_token = flops_per_token(trial.model, self.seq_len)["training"]
+        self.client = MlflowClient(options.tracking_uri)
+
+    # ---- state ------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "history": self.history,
+            "run_id": self.run_id,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def _restore(self) -> bool:
+        if not self.checkpoint_path.exists():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history, self.run_id = state["step"], state["history"], state["run_id"]
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return True
+
+    def checkpoint(self) -> None:
+        _save_atomic(self._state(), self.checkpoint_path)
+
+    # ---- MLflow -----------------------------------------------------------------------
+
+    def _open_run(self) -> RunLog:
+        if self.run_id is not None:
+            self.client.update_run(self.run_id, status="RUNNING")
+            return RunLog(self.client, self.run_id)
+        trial, model = self.trial, self.trial.model
+        counts = param_counts(model)
+        tags = {
+            "hybridscale.trial_id": trial.trial_id,
+            "hybridscale.pattern": model.pattern,
+            "hybridscale.params": counts["total"],
+            "hybridscale.flops_per_token": self.flops_per_token,
+            "hybridscale.tokens": trial.tokens,
+            "hybridscale.d_model": model.d_model,
+            "hybridscale.n_layers": model.n_layers,
+            **{f"hybridscale.n_{k}": v for k, v in layer_counts(model.pattern).items()},
+            **self.options.tags,
+        }
+        if self.options.parent_run_id:
+            tags["mlflow.parentRunId"] = self.options.parent_run_id
+        exp = experiment_id(self.client, self.options.experiment, self.options.tracking_uri)
+        run_name = f"{trial.trial_id} {model.pattern[:24]}"
+        run = self.client.create_run(
+            exp, run_name=run_name, tags={k: str(v) for k, v in tags.items()}
+        )
+        self.run_id = run.info.run_id
+        log = RunLog(self.client, self.run_id)
+        log.params(flatten(trial.model_dump(mode="json")))
+        return log
+
+    # ---- the loop ---------------------------------------------------------------------
+
+    def _train_step(self) -> tuple[float, float, float]:
+        t = self.trial.training
+        lr = lr_at(self.step, self.total_steps, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = self.data.train_batch(t.seed, self.step, t.batch_size)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        n_micro = t.batch_size // self.micro
+        total = 0.0
+        for i in range(n_micro):
+            chunk = slice(i * self.micro, (i + 1) * self.micro)
+            with self.autocast:
+                logits = self.forward(inputs[chunk])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets[chunk].flatten())
+            (loss / n_micro).backward()
+            total += loss.item() / n_micro
+        clip = t.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        # Worse than twice a uniform guess, or not a number: the run has blown up.
+        if not math.isfinite(total) or total > 2 * math.log(self.trial.model.vocab_size):
+            raise TrialDiverged(f"loss {total:.4g} at step {self.step}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm, lr
+
+    def evaluate(self) -> dict:
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            result = self.data.evaluate(self.model, self.device)
+        self.model.train()
+        return result
+
+    def run(self) -> TrialOutcome:
+        (self.dir / "pid").write_text(str(os.getpid()))  # lets an operator find the worker
+        self._restore()
+        log = self._open_run()
+        self.model.train()
+        t, options = self.trial.training, self.options
+        eval_every = (
+            max(1, t.eval_every_tokens // self.tokens_per_step) if t.eval_every_tokens else None
+        )
+        peak = peak_flops(self.device)
+        steps_run = 0
+        try:
+            while self.step < self.total_steps:
+                if options.stop_after_steps is not None and steps_run >= options.stop_after_steps:
+                    self.checkpoint()
+                    return TrialOutcome(self.trial.trial_id, "interrupted", self.run_id)
+                start = time.perf_counter()
+                loss, grad_norm, lr = self._train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+                self.step += 1
+                steps_run += 1
+                tokens = self.step * self.tokens_per_step
+                self.history.append((self.step, tokens, loss))
+                metrics = {
+                    "train_loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                    "tokens_per_s": self.tokens_per_step / elapsed,
+                }  # fmt: skip
+                if peak:
+                    metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / peak
+                if self.device.type == "cuda":
+                    metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
+                    metrics.update(self.evaluate())
+                if self.step % options.log_every == 0 or self.step == self.total_steps:
+                    log.metrics(metrics, self.step, int(time.time() * 1000))
+                if self.step % options.checkpoint_every == 0:
+                    self.checkpoint()
+            evaluation = self.evaluate()
+            log.metrics(evaluation, self.step, int(time.time() * 1000))
+            tokens = self.step * self.tokens_per_step
+            final = {**evaluation, "train_loss": self.history[-1][2], "tokens": tokens}
+            self.checkpoint()
+            self._artifacts(log, final)
+            log.end("finished")
+            return TrialOutcome(self.trial.trial_id, "finished", self.run_id, final)
+        except KeyboardInterrupt:
+            self.checkpoint()
+            self.client.set_terminated(self.run_id, "KILLED")
+            raise
+        except TrialDiverged as err:
+            return self._fail(log, "diverged", str(err))
+        except torch.cuda.OutOfMemoryError:
+            return self._fail(log, "oom", f"CUDA out of memory at micro-batch {self.micro}")
+        except Exception as err:  # recorded on the run; the scheduler decides on retries
+            log.client.log_text(self.run_id, traceback.format_exc(), "traceback.txt")
+            return self._fail(log, "failed", f"{type(err).__name__}: {err}")
+
+    def _fail(self, log: RunLog, status: str, reason: str) -> TrialOutcome:
+        log.tags({"hybridscale.reason": reason})
+        log.end(status)
+        return TrialOutcome(self.trial.trial_id, status, self.run_id, reason=reason)
+
+    def _artifacts(self, log: RunLog, final: dict) -> None:
+        (self.dir / "config.yaml").write_text(yaml.safe_dump(self.trial.model_dump(mode="json")))
+        (self.dir / "metrics.json").write_text(json.dumps(final, indent=2))
+        _plot_loss(self.history, self.dir / "loss_curve.png", self.trial.trial_id)
+        for name in ("config.yaml", "metrics.json", "loss_curve.png"):
+            log.artifact(self.dir / name)
+
+
+def _plot_loss(history: list, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([h[1] for h in history], [h[2] for h in history])
+    ax.set(xlabel="tokens", ylabel="train loss", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_trial(trial: TrialConfig, options: TrainOptions) -> TrialOutcome:
+    return Trainer(trial, options).run()
