@@ -241,6 +241,7 @@ class Trainer:
                     metrics.update(self.evaluate())
                 if self.step % options.log_every == 0 or self.step == self.total_steps:
                     log.metrics(metrics, self.step, int(time.time() * 1000))
+                    self._log_line(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
                 if self.step % options.checkpoint_every == 0:
                     self.checkpoint()
             evaluation = self.evaluate()
@@ -249,6 +250,7 @@ class Trainer:
             final = {**evaluation, "train_loss": self.history[-1][2], "tokens": tokens}
             self.checkpoint()
             self._artifacts(log, final)
+            self._log_line(f"finished: {final}")
             log.end("finished")
             return TrialOutcome(self.trial.trial_id, "finished", self.run_id, final)
         except KeyboardInterrupt:
@@ -263,7 +265,13 @@ class Trainer:
             log.client.log_text(self.run_id, traceback.format_exc(), "traceback.txt")
             return self._fail(log, "failed", f"{type(err).__name__}: {err}")
 
+    def _log_line(self, text: str) -> None:
+        """The trial's own log file, beside its checkpoint: step lines and its ending."""
+        with open(self.dir / "train.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {self.step}: {text}\n")
+
     def _fail(self, log: RunLog, status: str, reason: str) -> TrialOutcome:
+        self._log_line(f"{status}: {reason}")
         log.tags({"hybridscale.reason": reason})
         log.end(status)
         return TrialOutcome(self.trial.trial_id, status, self.run_id, reason=reason)

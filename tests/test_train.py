@@ -80,5 +80,7 @@ def test_mlflow_run_holds_params_metrics_artifacts(tmp_path, corpus_dir, data_ca
     val_history = client.get_metric_history(outcome.run_id, "val_loss")
     assert [m.step for m in val_history] == [4, 8, 12]
     assert len(client.get_metric_history(outcome.run_id, "train_loss")) == 12
+    log = (tmp_path / "trials" / trial.trial_id / "train.log").read_text().splitlines()
+    assert len(log) == 13 and log[-1].split(": ", 1)[1].startswith("finished")
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "metrics.json", "loss_curve.png"} <= artifacts
