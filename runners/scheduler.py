@@ -33,6 +33,7 @@ class StudyOptions:
     max_retries: int = 2
     device: str | None = None
     cpus: int | None = None  # CPUs of the local Ray (default: all); ignored on a cluster
+    gpus_per_trial: float | None = None  # default: a share estimated from each trial's memory
 
     def uri(self) -> str:
         return self.tracking_uri or default_tracking_uri(self.results_dir)
@@ -135,7 +136,8 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
             )  # fmt: skip
             resources = {"num_cpus": 1}
             if gpus:
-                resources = {"num_cpus": 1, "num_gpus": gpu_fraction(trial, gpu_memory)}
+                share = options.gpus_per_trial or gpu_fraction(trial, gpu_memory)
+                resources = {"num_cpus": 1, "num_gpus": share}
             ref = _run_remote.options(**resources, max_retries=0).remote(trial, train)
             pending[ref] = trial
             progress.running += 1

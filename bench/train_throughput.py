@@ -1,0 +1,110 @@
+"""Training throughput of Transformer, Mamba-2 and hybrid models at equal-ish size.
+
+Forward + backward + AdamW step, bf16 autocast, torch.compile, on the GPU. Prints one
+JSON line per model with tokens/s, MFU (arch's FLOP count against the GPU's dense bf16
+peak) and the ratio to the Transformer of the same size, measured in this one run.
+
+    python bench/train_throughput.py [--sizes 125m 350m] [--steps 20] [--out FILE]
+"""
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from arch.accounting import flops_per_token, param_counts
+from arch.config import ModelConfig
+from arch.model import HybridLM
+from runners.train import peak_flops
+
+SHAPES = {"125m": (768, 12, 24), "350m": (1024, 16, 48)}  # d_model, heads, hybrid layers
+
+
+def configs(size: str) -> dict[str, ModelConfig]:
+    d, heads, n = SHAPES[size]
+    common = dict(d_model=d, n_heads=heads, vocab_size=50304, d_state=128, ssm_headdim=64)
+    return {
+        "transformer": ModelConfig(
+            pattern="*-" * (n // 2), mlp_activation="squared_relu", rotary_fraction=0.5, **common
+        ),  # fmt: skip
+        "mamba2": ModelConfig(pattern="M" * n, **common),
+        "hybrid": ModelConfig(
+            n_layers=n,
+            attention_ratio=0.08,
+            mlp_ratio=0.5,
+            n_kv_heads=4,
+            mlp_activation="gelu",
+            **common,
+        ),  # fmt: skip
+    }
+
+
+def measure(config: ModelConfig, batch: int, seq_len: int, steps: int, compile: bool) -> dict:
+    torch.manual_seed(0)
+    model = HybridLM(config).cuda()
+    step_fn = torch.compile(model) if compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    tokens = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device="cuda")
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = step_fn(x)
+        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # compile and warm up
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    tok_s = batch * seq_len / seconds
+    flops = flops_per_token(config, seq_len)["training"]
+    peak = peak_flops(torch.device("cuda"))
+    return {
+        "params": param_counts(config)["total"], "pattern": config.pattern,
+        "batch": batch, "seq_len": seq_len, "ms_per_step": 1000 * seconds,
+        "tokens_per_s": tok_s, "mfu": tok_s * flops / peak if peak else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", nargs="+", default=["125m"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    results = []
+    for size in args.sizes:
+        base = None
+        for name, config in configs(size).items():
+            try:
+                r = measure(config, args.batch, args.seq_len, args.steps, not args.no_compile)
+            except torch.cuda.OutOfMemoryError:
+                r = {"error": "out of memory"}
+            base = base or r.get("tokens_per_s")
+            r = {"size": size, "model": name, **r}
+            if "tokens_per_s" in r and base:
+                r["vs_transformer"] = r["tokens_per_s"] / base
+            print(json.dumps(r), flush=True)
+            results.append(r)
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
