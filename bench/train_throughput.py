@@ -90,10 +90,18 @@ def main() -> None:
     for size in args.sizes:
         base = None
         for name, config in configs(size).items():
+            r = {}
             try:
                 r = measure(config, args.batch, args.seq_len, args.steps, not args.no_compile)
+                r["compiled"] = not args.no_compile
             except torch.cuda.OutOfMemoryError:
                 r = {"error": "out of memory"}
+            except Exception as err:  # a compiler failure: say so, and measure eager
+                message = str(err).strip().splitlines()
+                print(f"# {name}: compile failed: {message[-1] if message else err!r}")
+                torch._dynamo.reset()
+                r = measure(config, args.batch, args.seq_len, args.steps, compile=False)
+                r["compiled"] = False
             base = base or r.get("tokens_per_s")
             r = {"size": size, "model": name, **r}
             if "tokens_per_s" in r and base:

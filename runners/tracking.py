@@ -11,8 +11,11 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-STATUS_TAG = "hybridscale.status"  # finished | diverged | oom | failed | running
-MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "oom": "FAILED", "failed": "FAILED"}
+STATUS_TAG = "hybridscale.status"  # finished | diverged | oom | failed | pruned | running
+MLFLOW_STATUS = {
+    "finished": "FINISHED", "diverged": "FAILED", "oom": "FAILED", "failed": "FAILED",
+    "pruned": "KILLED",
+}  # fmt: skip
 
 
 def default_tracking_uri(results_dir: Path) -> str:

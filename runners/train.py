@@ -12,6 +12,7 @@ import math
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ class TrialDiverged(Exception):
 @dataclass
 class TrialOutcome:
     trial_id: str
-    status: str  # finished | diverged | oom | failed | interrupted
+    status: str  # finished | diverged | oom | failed | interrupted | pruned
     run_id: str
     metrics: dict = field(default_factory=dict)
     reason: str = ""
@@ -59,6 +60,9 @@ class TrainOptions:
     checkpoint_every: int = 50  # steps
     log_every: int = 1
     stop_after_steps: int | None = None  # stop early as if interrupted (tests, time limits)
+    # Called with (step, tokens, metrics) after each interval evaluation; returning True
+    # stops the trial as "pruned" (an Optuna pruner says it is not worth finishing).
+    on_eval: Callable[[int, int, dict], bool] | None = None
 
 
 def _device(options: TrainOptions) -> torch.device:
@@ -237,11 +241,17 @@ class Trainer:
                     metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / peak
                 if self.device.type == "cuda":
                     metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
+                evaluated = (
+                    eval_every and self.step % eval_every == 0 and self.step < self.total_steps
+                )
+                if evaluated:
                     metrics.update(self.evaluate())
                 if self.step % options.log_every == 0 or self.step == self.total_steps:
                     log.metrics(metrics, self.step, int(time.time() * 1000))
                     self._log_line(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                if evaluated and options.on_eval and options.on_eval(self.step, tokens, metrics):
+                    self.checkpoint()
+                    return self._fail(log, "pruned", f"pruned at step {self.step}")
                 if self.step % options.checkpoint_every == 0:
                     self.checkpoint()
             evaluation = self.evaluate()

@@ -84,3 +84,21 @@ def test_mlflow_run_holds_params_metrics_artifacts(tmp_path, corpus_dir, data_ca
     assert len(log) == 13 and log[-1].split(": ", 1)[1].startswith("finished")
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "metrics.json", "loss_curve.png"} <= artifacts
+
+
+def test_on_eval_hook_prunes(tmp_path, corpus_dir, data_cache):
+    seen = []
+
+    def prune_at_second_eval(step, tokens, metrics):
+        seen.append((step, tokens, metrics["val_loss"]))
+        return len(seen) == 2
+
+    trial = tiny_trial(corpus_dir, eval_every_tokens=64 * 8 * 3)
+    opts = options(tmp_path, data_cache, on_eval=prune_at_second_eval)
+    outcome = train_trial(trial, opts)
+    assert outcome.status == "pruned"
+    assert [(s, t) for s, t, _ in seen] == [(3, 64 * 8 * 3), (6, 64 * 8 * 6)]
+    run = MlflowClient(opts.tracking_uri).get_run(outcome.run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["hybridscale.status"] == "pruned"
+    assert run.data.metrics["val_loss"] == seen[-1][2]
