@@ -34,6 +34,18 @@ def _skip_and_gate(y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None) -> 
     return y
 
 
+def prefix_sum(x: Tensor, dim: int = -1) -> Tensor:
+    """torch.cumsum by log2(T) shifted adds (Hillis-Steele). The same sums, in a form
+    torch.compile handles on CUDA: Inductor's scan codegen fails on the chunk cumsums
+    (torch 2.11, "list indices must be integers or slices, not NoneType")."""
+    x = x.movedim(dim, -1)
+    shift = 1
+    while shift < x.shape[-1]:
+        x = x + F.pad(x[..., :-shift], (shift, 0))
+        shift *= 2
+    return x.movedim(-1, dim)
+
+
 def segment_sums(x: Tensor) -> Tensor:
     """(..., T) -> (..., T, T) with [i, j] = x[j+1] + ... + x[i] for j <= i, else -inf.
 
@@ -43,7 +55,7 @@ def segment_sums(x: Tensor) -> Tensor:
     T = x.shape[-1]
     lower = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     rows = x[..., None].expand(*x.shape, T)  # [i, j] = x[i]
-    sums = rows.masked_fill(~lower.tril(-1), 0).cumsum(dim=-2)
+    sums = prefix_sum(rows.masked_fill(~lower.tril(-1), 0), dim=-2)
     return sums.masked_fill(~lower, float("-inf"))
 
 
@@ -83,7 +95,7 @@ def ssd_chunked(
     Bc = blocks(B).repeat_interleave(nheads // ngroups, dim=3)  # (b, c, Q, h, n)
     Cc = blocks(C).repeat_interleave(nheads // ngroups, dim=3)
     dA = (dtc * A.to(dtype)).permute(0, 3, 1, 2)  # (b, h, c, Q)
-    dA_cum = dA.cumsum(dim=-1)
+    dA_cum = prefix_sum(dA)
     xdt = xc * dtc[..., None]  # (b, c, Q, h, p)
 
     # 1. Inside each chunk: y_l = sum_{s<=l} C_l.B_s exp(dA_{s+1..l}) dt_s x_s.

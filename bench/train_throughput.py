@@ -1,10 +1,12 @@
-"""Training throughput of Transformer, Mamba-2 and hybrid models at equal-ish size.
+"""Training throughput of Transformer, Mamba-2 and hybrid models at equal-ish size,
+beside a plain nanoGPT-style Transformer of the same shape (bench/baseline_gpt.py).
 
-Forward + backward + AdamW step, bf16 autocast, torch.compile, on the GPU. Prints one
-JSON line per model with tokens/s, MFU (arch's FLOP count against the GPU's dense bf16
-peak) and the ratio to the Transformer of the same size, measured in this one run.
+Forward + backward + fused AdamW step, bf16 autocast, torch.compile, on the GPU. Prints
+one JSON line per model with tokens/s, MFU (training FLOPs per token against the GPU's
+dense bf16 peak: 6N + 12 layers d L for attention models, arch.accounting's count for
+Mamba layers) and the ratios to the baseline and to our Transformer, all from this run.
 
-    python bench/train_throughput.py [--sizes 125m 350m] [--steps 20] [--out FILE]
+    python bench/train_throughput.py [--sizes 125m 350m] [--batch 16] [--steps 20] [--out FILE]
 """
 
 import argparse
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from arch.accounting import flops_per_token, param_counts
 from arch.config import ModelConfig
 from arch.model import HybridLM
+from bench.baseline_gpt import GPT
 from runners.train import peak_flops
 
 SHAPES = {"125m": (768, 12, 24), "350m": (1024, 16, 48)}  # d_model, heads, hybrid layers
@@ -41,12 +44,18 @@ def configs(size: str) -> dict[str, ModelConfig]:
     }
 
 
-def measure(config: ModelConfig, batch: int, seq_len: int, steps: int, compile: bool) -> dict:
+def baseline(size: str) -> GPT:
+    d, heads, n = SHAPES[size]
+    return GPT(vocab=50304, d=d, n_layer=n // 2, heads=heads)
+
+
+def measure(model: torch.nn.Module, batch: int, seq_len: int, steps: int, compile: bool) -> dict:
     torch.manual_seed(0)
-    model = HybridLM(config).cuda()
+    model = model.cuda()
     step_fn = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    tokens = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device="cuda")
+    vocab = model.embedding.num_embeddings
+    tokens = torch.randint(0, vocab, (batch, seq_len + 1), device="cuda")
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> None:
@@ -66,14 +75,47 @@ def measure(config: ModelConfig, batch: int, seq_len: int, steps: int, compile: 
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     tok_s = batch * seq_len / seconds
-    flops = flops_per_token(config, seq_len)["training"]
+    if isinstance(model, GPT):
+        flops, params, pattern = model.flops_per_token(seq_len), model_params(model), "gpt"
+    else:
+        config = model.config
+        flops = flops_per_token(config, seq_len)["training"]
+        params, pattern = param_counts(config)["total"], config.pattern
     peak = peak_flops(torch.device("cuda"))
     return {
-        "params": param_counts(config)["total"], "pattern": config.pattern,
+        "params": params, "pattern": pattern,
         "batch": batch, "seq_len": seq_len, "ms_per_step": 1000 * seconds,
         "tokens_per_s": tok_s, "mfu": tok_s * flops / peak if peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
     }  # fmt: skip
+
+
+def measure_robustly(name, build, batch: int, seq_len: int, steps: int, compile: bool) -> dict:
+    """Halve the batch until it fits; measure eager (and say so) if compiling fails."""
+    while batch >= 1:
+        try:
+            try:
+                return {**measure(build(), batch, seq_len, steps, compile), "compiled": compile}
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as err:  # a compiler failure
+                if not compile:
+                    raise
+                message = str(err).strip().splitlines()
+                print(f"# {name}: compile failed: {message[-1] if message else err!r}")
+                torch._dynamo.reset()
+                compile = False
+                return {**measure(build(), batch, seq_len, steps, False), "compiled": False}
+        except torch.cuda.OutOfMemoryError:
+            print(f"# {name}: out of memory at batch {batch}")
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            batch //= 2
+    return {"error": "out of memory at batch 1"}
+
+
+def model_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:
@@ -87,31 +129,24 @@ def main() -> None:
     args = parser.parse_args()
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     results = []
+    compile = not args.no_compile
     for size in args.sizes:
-        base = None
-        for name, config in configs(size).items():
-            r = {}
-            try:
-                r = measure(config, args.batch, args.seq_len, args.steps, not args.no_compile)
-                r["compiled"] = not args.no_compile
-            except torch.cuda.OutOfMemoryError:
-                r = {"error": "out of memory"}
-            except Exception as err:  # a compiler failure: say so, and measure eager
-                message = str(err).strip().splitlines()
-                print(f"# {name}: compile failed: {message[-1] if message else err!r}")
-                torch._dynamo.reset()
-                r = measure(config, args.batch, args.seq_len, args.steps, compile=False)
-                r["compiled"] = False
-            base = base or r.get("tokens_per_s")
+        rates = {}
+        models = {"nanogpt": lambda s=size: baseline(s)}
+        models |= {name: lambda c=c: HybridLM(c) for name, c in configs(size).items()}
+        for name, build in models.items():
+            r = measure_robustly(name, build, args.batch, args.seq_len, args.steps, compile)
+            rates[name] = r.get("tokens_per_s")
             r = {"size": size, "model": name, **r}
-            if "tokens_per_s" in r and base:
-                r["vs_transformer"] = r["tokens_per_s"] / base
+            for ref in ("nanogpt", "transformer"):
+                if r.get("tokens_per_s") and rates.get(ref):
+                    r[f"vs_{ref}"] = r["tokens_per_s"] / rates[ref]
             print(json.dumps(r), flush=True)
             results.append(r)
             torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+            if args.out:  # after every model, so a later crash loses nothing measured
+                with open(args.out, "w") as f:
+                    json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

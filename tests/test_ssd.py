@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from arch.mamba2 import Mamba2
-from arch.ssd import ssd_chunked, ssd_step
+from arch.ssd import prefix_sum, ssd_chunked, ssd_step
 
 
 def naive_ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, h0=None):
@@ -140,3 +140,9 @@ def test_mamba2_decode_matches_parallel(prefill):
         outs = [layer(x[:, :prefill], cache=cache)]
         outs += [layer(x[:, t : t + 1], cache=cache) for t in range(prefill, 12)]
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_prefix_sum_equals_cumsum():
+    x = torch.randn(3, 5, 37, 6, dtype=torch.float64)
+    for dim in (-1, -2, 0):
+        torch.testing.assert_close(prefix_sum(x, dim), x.cumsum(dim), rtol=0, atol=1e-12)
