@@ -62,6 +62,9 @@ class ModelConfig(StrictModel):
     ssm_headdim: PositiveInt = 64
     ssm_ngroups: PositiveInt = 1
     chunk_size: PositiveInt = 256
+    # Mamba-2's scan, conv and gated norm: "auto" runs the Triton kernels (arch/kernels) on
+    # CUDA and the PyTorch reference elsewhere
+    ssd_impl: Literal["auto", "triton", "torch"] = "auto"
 
     @model_validator(mode="after")
     def _resolve_pattern(self) -> "ModelConfig":

@@ -3,6 +3,9 @@
 Each layer maps (batch, seqlen, d_model) to the same shape and takes an optional
 ``cache`` dict for decoding: ``None`` for training, an empty dict to prefill (the
 layer fills it), a filled dict to continue from it one or more tokens at a time.
+A cache from ``allocate_cache`` is static instead: preallocated for a maximum length and
+updated in place, so a decode step can be captured in a CUDA graph; on it a multi-token
+call is the prompt (at position 0) and every later call adds one token.
 """
 
 import torch
@@ -66,24 +69,68 @@ class Attention(nn.Module):
             .view(batch, seqlen, 2, self.n_kv_heads, self.head_dim)
             .permute(2, 0, 3, 1, 4)
         )
-        start = cache["k"].shape[2] if cache else 0
+        static = cache is not None and "pos" in cache
+        if static:  # the position is a tensor, so a captured step replays at the next one
+            start = cache["pos"] if seqlen == 1 else 0
+        else:
+            start = cache["k"].shape[2] if cache else 0
+        positions = torch.arange(seqlen, device=x.device) + start
         if self.rotary_dim:
-            positions = torch.arange(start, start + seqlen, device=x.device)
             cos, sin = rotary_tables(positions, self.rotary_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
+        if static:
+            cache["k"].index_copy_(2, positions, k.to(cache["k"].dtype))  # (autocast)
+            cache["v"].index_copy_(2, positions, v.to(cache["v"].dtype))
+            cache["pos"].copy_(positions[-1] + 1)
+            if seqlen == 1:
+                k, v = cache["k"], cache["v"]
+        elif cache is not None:
             if cache:
                 k = torch.cat((cache["k"], k), dim=2)
                 v = torch.cat((cache["v"], v), dim=2)
             cache["k"], cache["v"] = k, v
-        # New queries sit at the end of the keys: causal with that offset.
-        if start == 0:
+        if k.shape[2] == seqlen:  # the queries are the whole sequence
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            keys = k.shape[2]
-            mask = torch.ones(seqlen, keys, dtype=torch.bool, device=x.device).tril(keys - seqlen)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = attend_to_cache(q, k, v, positions)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seqlen, -1))
+
+    def allocate_cache(
+        self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> dict:
+        shape = (batch, self.n_kv_heads, max_len, self.head_dim)
+        return {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+            "pos": torch.zeros((), dtype=torch.long, device=device),
+        }
+
+
+def attend_to_cache(q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+    """Queries q (batch, heads, seqlen, head_dim) at ``positions`` against the cached keys
+    k, v (batch, kv_heads, keys, head_dim), each query seeing the keys up to its position.
+
+    Decoding reads the whole cache for one query: a matrix-vector product, bound by memory
+    bandwidth. Plain matmuls split it over the keys, where fused attention kernels split
+    over queries and leave most of the GPU idle; folding each group's query heads into rows
+    reads every key/value head once.
+    """
+    batch, n_heads, seqlen, head_dim = q.shape
+    groups = n_heads // k.shape[1]
+    q = q.reshape(batch, k.shape[1], groups * seqlen, head_dim) * head_dim**-0.5
+    scores = q @ k.transpose(-1, -2)  # (batch, kv_heads, groups * seqlen, keys)
+    visible = torch.arange(k.shape[2], device=q.device) <= positions[:, None]
+    scores.masked_fill_(~visible.repeat(groups, 1), float("-inf"))
+    return (scores.softmax(-1) @ v).view(batch, n_heads, seqlen, head_dim)
+
+
+def store(cache: dict, name: str, state: Tensor) -> None:
+    """Keep a layer's decode state: in place in a static cache, whose buffers must keep
+    their address for CUDA-graph replays, else as a new entry."""
+    if name in cache:
+        cache[name].copy_(state)
+    else:
+        cache[name] = state
 
 
 _ACTIVATIONS = {
@@ -114,3 +161,8 @@ class MLP(nn.Module):
         else:
             h = _ACTIVATIONS[self.activation](h)
         return self.down_proj(h)
+
+    def allocate_cache(
+        self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> dict:
+        return {}  # no state

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from arch.layers import store
+
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -144,7 +146,8 @@ class Mamba(nn.Module):
 
     forward(u, cache): cache None trains; an empty dict prefills it with the conv inputs
     ("conv", (batch, d_inner, d_conv)) and the scan state ("ssm", fp32); a filled dict
-    decodes one token (u of seqlen 1) and updates it in place.
+    decodes one token (u of seqlen 1) and updates it in place; a longer u is a new prompt.
+    ``allocate_cache`` preallocates both (a static cache).
     """
 
     def __init__(
@@ -196,13 +199,13 @@ class Mamba(nn.Module):
 
     def forward(self, u: Tensor, cache: dict | None = None) -> Tensor:
         """u (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
-        if cache:
+        if cache and u.shape[1] == 1:
             return self._step(u, cache)
         seqlen = u.shape[1]
         x, z = self.in_proj(u).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
         if cache is not None:
             # Negative left padding crops, so this keeps the last d_conv inputs either way.
-            cache["conv"] = F.pad(x, (self.d_conv - seqlen, 0)).contiguous()
+            store(cache, "conv", F.pad(x, (self.d_conv - seqlen, 0)).contiguous())
         x = F.silu(self.conv1d(x)[..., :seqlen])
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         out = selective_scan(
@@ -219,7 +222,8 @@ class Mamba(nn.Module):
             chunk_size=self.chunk_size,
         )
         if cache is not None:
-            y, cache["ssm"] = out
+            y, state = out
+            store(cache, "ssm", state)
         else:
             y = out
         return self.out_proj(y.transpose(1, 2))
@@ -245,3 +249,11 @@ class Mamba(nn.Module):
             delta_softplus=True,
         )
         return self.out_proj(y)[:, None]
+
+    def allocate_cache(
+        self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> dict:
+        return {
+            "conv": torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype),
+            "ssm": torch.zeros(batch, self.d_inner, self.d_state, device=device),
+        }

@@ -1,11 +1,13 @@
 """The Mamba-2 mixer, with mamba_ssm's ``Mamba2`` parameter names, shapes and init."""
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from arch.layers import store
 from arch.ssd import ssd_chunked, ssd_step
 
 
@@ -30,7 +32,12 @@ class Mamba2(nn.Module):
 
     forward(u, cache): cache None trains; an empty dict prefills it with the conv inputs
     ("conv", (batch, conv_dim, d_conv)) and the SSD state ("ssm", (batch, heads, headdim,
-    d_state), fp32); a filled dict decodes one token (u of seqlen 1), updating it in place.
+    d_state), fp32); a filled dict decodes one token (u of seqlen 1), updating it in place;
+    a longer u is a new prompt. ``allocate_cache`` preallocates both (a static cache).
+
+    ssd_impl picks the scan, conv and gated norm: the fused Triton kernels of
+    ``arch.kernels`` ("triton"; "auto" on CUDA) or the PyTorch reference ("torch"; "auto"
+    elsewhere).
     """
 
     def __init__(
@@ -46,8 +53,10 @@ class Mamba2(nn.Module):
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
         A_init_range: tuple[float, float] = (1, 16),
+        ssd_impl: Literal["auto", "triton", "torch"] = "auto",
     ) -> None:
         super().__init__()
+        self.ssd_impl = ssd_impl
         self.d_state, self.d_conv, self.headdim, self.ngroups = d_state, d_conv, headdim, ngroups
         self.chunk_size = chunk_size
         self.d_inner = expand * d_model
@@ -73,31 +82,56 @@ class Mamba2(nn.Module):
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
+    def _conv_silu(self, xBC: Tensor) -> Tensor:
+        """Causal depthwise conv + SiLU over (b, L, conv_dim)."""
+        return F.silu(self.conv1d(xBC.transpose(1, 2))[..., : xBC.shape[1]]).transpose(1, 2)
+
+    def _ops(self, u: Tensor) -> tuple:
+        """(chunked scan, decode step, conv + SiLU, gated norm) for this input's device."""
+        if self.ssd_impl == "torch" or (self.ssd_impl == "auto" and not u.is_cuda):
+            return ssd_chunked, ssd_step, self._conv_silu, self.norm
+        # Imported here: Triton reads TRITON_INTERPRET when the kernels are defined, and
+        # CPU-only installs may not have it.
+        from arch.kernels.conv import causal_conv1d_silu
+        from arch.kernels.norm import rmsnorm_gated
+        from arch.kernels.ssd_triton import ssd_chunked_triton
+        from arch.kernels.state_update import ssd_step_triton
+
+        conv, norm = self.conv1d, self.norm
+        return (
+            ssd_chunked_triton,
+            ssd_step_triton,
+            lambda xBC: causal_conv1d_silu(xBC, conv.weight[:, 0], conv.bias),
+            lambda y, z: rmsnorm_gated(y, z, norm.weight, norm.eps, norm.group_size),
+        )
+
     def _ssm_args(self) -> dict:
         return {"A": -self.A_log.exp(), "D": self.D, "dt_bias": self.dt_bias, "dt_softplus": True}
 
     def forward(self, u: Tensor, cache: dict | None = None) -> Tensor:
-        if cache:
+        if cache and u.shape[1] == 1:
             return self._step(u, cache)
         batch, seqlen, _ = u.shape
+        scan, _, conv_silu, norm = self._ops(u)
         z, xBC, dt = self._split(self.in_proj(u))
-        xBC = xBC.transpose(1, 2)  # (b, conv_dim, L)
         if cache is not None:  # keep the last d_conv conv inputs, zero-padded on the left
-            cache["conv"] = F.pad(xBC, (max(0, self.d_conv - seqlen), 0))[..., -self.d_conv :]
-        xBC = F.silu(self.conv1d(xBC)[..., :seqlen]).transpose(1, 2)
+            conv_in = F.pad(xBC.transpose(1, 2), (max(0, self.d_conv - seqlen), 0))
+            store(cache, "conv", conv_in[..., -self.d_conv :])
+        xBC = conv_silu(xBC)
         x, B, C = xBC.split(
             [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
         )
-        y, final = ssd_chunked(
+        y, final = scan(
             x.unflatten(-1, (self.nheads, self.headdim)), dt, B=B.unflatten(-1, (self.ngroups, -1)),
             C=C.unflatten(-1, (self.ngroups, -1)), chunk_size=self.chunk_size,
             return_final_states=True, **self._ssm_args(),
         )  # fmt: skip
         if cache is not None:
-            cache["ssm"] = final.float()
-        return self.out_proj(self.norm(y.flatten(-2), z))
+            store(cache, "ssm", final.float())
+        return self.out_proj(norm(y.flatten(-2), z))
 
     def _step(self, u: Tensor, cache: dict) -> Tensor:
+        _, step, _, norm = self._ops(u)
         z, xBC, dt = self._split(self.in_proj(u[:, 0]))
         conv = cache["conv"]
         conv.copy_(conv.roll(-1, dims=-1))
@@ -106,9 +140,17 @@ class Mamba2(nn.Module):
         x, B, C = xBC.split(
             [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
         )
-        y = ssd_step(
+        y = step(
             cache["ssm"], x.unflatten(-1, (self.nheads, self.headdim)), dt,
             B=B.unflatten(-1, (self.ngroups, -1)), C=C.unflatten(-1, (self.ngroups, -1)),
             **self._ssm_args(),
         )  # fmt: skip
-        return self.out_proj(self.norm(y.flatten(-2), z))[:, None]
+        return self.out_proj(norm(y.flatten(-2), z))[:, None]
+
+    def allocate_cache(
+        self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> dict:
+        return {
+            "conv": torch.zeros(batch, self.conv_dim, self.d_conv, device=device, dtype=dtype),
+            "ssm": torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device),
+        }

@@ -24,6 +24,7 @@ def build_mixer(symbol: str, config: ModelConfig) -> nn.Module:
         return Mamba2(
             c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand,
             headdim=c.ssm_headdim, ngroups=c.ssm_ngroups, chunk_size=c.chunk_size,
+            ssd_impl=c.ssd_impl,
         )  # fmt: skip
     if symbol == MAMBA1:
         return Mamba(c.d_model, d_state=c.mamba1_d_state, d_conv=c.d_conv, expand=c.expand)
@@ -77,6 +78,16 @@ class HybridLM(nn.Module):
             x = block(x, cache=None if caches is None else caches[i])
         return self.lm_head(self.norm_f(x))
 
+    def allocate_caches(
+        self, batch: int, max_len: int, dtype: torch.dtype | None = None
+    ) -> list[dict]:
+        """Static decode state for up to ``max_len`` tokens (see arch/layers.py): fixed
+        shapes, updated in place, so a decode step can be captured in a CUDA graph. The
+        first call on them is the prompt; every later call adds one token."""
+        weight = self.embedding.weight
+        dtype = dtype or weight.dtype
+        return [b.mixer.allocate_cache(batch, max_len, weight.device, dtype) for b in self.blocks]
+
     @torch.no_grad()
     def generate(
         self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -84,7 +95,7 @@ class HybridLM(nn.Module):
     ) -> Tensor:  # fmt: skip
         """Continue ``prompt`` (batch, seqlen): prefill through the parallel path, then
         decode one token at a time from the layers' caches. temperature 0 is greedy."""
-        caches: list[dict] = [{} for _ in self.blocks]
+        caches = self.allocate_caches(prompt.shape[0], prompt.shape[1] + max_new_tokens)
         logits = self(prompt, caches)[:, -1]
         out = [prompt]
         for step in range(max_new_tokens):

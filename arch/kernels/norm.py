@@ -1,0 +1,109 @@
+"""Mamba-2's gated RMSNorm as Triton kernels, forward and backward.
+
+``rmsnorm_gated(x, z, weight, eps, group_size)`` = RMSNorm(x * silu(z)) * weight, per group
+of ``group_size`` channels: ``arch.mamba2.RMSNormGated`` (mamba_ssm's with
+norm_before_gate=False) in one pass over x and z forward and one back, in fp32.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_WARPS = [1] if os.environ.get("TRITON_INTERPRET") == "1" else [4, 8, 16]
+_CONFIGS = [triton.Config({}, num_warps=w) for w in _WARPS]
+
+
+@triton.jit
+def _gated(x_ptr, z_ptr, row, cols, ok, s_x, s_z):
+    x = tl.load(x_ptr + row * s_x + cols, mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + row * s_z + cols, mask=ok, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(z)
+    return x, z, sig, x * z * sig
+
+
+@triton.autotune(_CONFIGS, key=["GS"], cache_results=True)
+@triton.jit
+def _norm_fwd(x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, GS, eps, s_x, s_z,
+              BLOCK: tl.constexpr):  # fmt: skip
+    row, grp = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = grp * GS + tl.arange(0, BLOCK)
+    ok = tl.arange(0, BLOCK) < GS
+    _, _, _, g = _gated(x_ptr, z_ptr, row, cols, ok, s_x, s_z)
+    rstd = 1.0 / tl.sqrt(tl.sum(g * g, axis=0) / GS + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * tl.num_programs(1) * GS + cols, g * rstd * w, mask=ok)
+    tl.store(rstd_ptr + row * tl.num_programs(1) + grp, rstd)
+
+
+@triton.autotune(_CONFIGS, key=["GS"], cache_results=True)
+@triton.jit
+def _norm_bwd(x_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dx_ptr, dz_ptr, dw_ptr,
+              M, GS, s_x, s_z, ROWS, BLOCK: tl.constexpr):  # fmt: skip
+    """ROWS rows of one group; the weight's gradient is summed over them (dw_ptr has one
+    row per program along the rows)."""
+    start, grp = tl.program_id(0).to(tl.int64) * ROWS, tl.program_id(1)
+    D = tl.num_programs(1) * GS
+    cols = grp * GS + tl.arange(0, BLOCK)
+    ok = tl.arange(0, BLOCK) < GS
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    for row in range(start, tl.minimum(start + ROWS, M)):
+        x, z, sig, g = _gated(x_ptr, z_ptr, row, cols, ok, s_x, s_z)
+        rstd = tl.load(rstd_ptr + row * tl.num_programs(1) + grp)
+        n = g * rstd
+        dout = tl.load(dout_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
+        dw += dout * n
+        dn = dout * w
+        dg = rstd * (dn - n * tl.sum(dn * n, axis=0) / GS)
+        tl.store(dx_ptr + row * D + cols, dg * z * sig, mask=ok)
+        tl.store(dz_ptr + row * D + cols, dg * x * sig * (1.0 + z * (1.0 - sig)), mask=ok)
+    tl.store(dw_ptr + tl.program_id(0) * D + cols, dw, mask=ok)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(..., d) -> (rows, d) with unit channel stride, a view where possible."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class RMSNormGated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, z, weight, eps, group_size):
+        shape = x.shape
+        x, z = _rows(x), _rows(z)
+        M, D = x.shape
+        out = torch.empty(M, D, device=x.device, dtype=x.dtype)
+        rstd = torch.empty(M, D // group_size, device=x.device, dtype=torch.float32)
+        block = triton.next_power_of_2(group_size)
+        _norm_fwd[(M, D // group_size)](x, z, weight, out, rstd, group_size, eps, x.stride(0),
+                                        z.stride(0), BLOCK=block)  # fmt: skip
+        ctx.save_for_backward(x, z, weight, rstd)
+        ctx.group_size, ctx.shape = group_size, shape
+        return out.view(shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, z, weight, rstd = ctx.saved_tensors
+        M, D = x.shape
+        gs = ctx.group_size
+        dout = dout.reshape(M, D).contiguous()
+        dx = torch.empty(M, D, device=x.device, dtype=x.dtype)
+        dz = torch.empty(M, D, device=x.device, dtype=z.dtype)
+        programs = min(M, 1024)  # enough to fill the GPU; each sums dw over its rows
+        rows = triton.cdiv(M, programs)
+        programs = triton.cdiv(M, rows)
+        dw = torch.empty(programs, D, device=x.device, dtype=torch.float32)
+        _norm_bwd[(programs, D // gs)](x, z, weight, rstd, dout, dx, dz, dw, M, gs,
+                                       x.stride(0), z.stride(0), rows,
+                                       BLOCK=triton.next_power_of_2(gs))  # fmt: skip
+        shape = ctx.shape
+        return dx.view(shape), dz.view(shape), dw.sum(0).to(weight.dtype), None, None
+
+
+@torch.compiler.disable
+def rmsnorm_gated(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
+    """x, z (..., d), weight (d,) -> (..., d) in x's dtype."""
+    return RMSNormGated.apply(x, z, weight, eps, group_size)

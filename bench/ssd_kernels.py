@@ -1,0 +1,259 @@
+"""Mamba-2's SSD scan on the GPU: our Triton kernels against mamba_ssm's, side by side.
+
+For each sequence length, forward and forward+backward time (median ms, triton's
+do_bench) of: our Triton kernels (arch/kernels), our PyTorch reference arch.ssd (eager and
+torch.compile'd), and mamba_ssm's Triton ``mamba_chunk_scan_combined``, the baseline; each
+with its ratio to the baseline (below 1: faster) and its largest deviation from it. Then
+one decode step (ours, mamba_ssm's ``selective_state_update``, the reference). Prints a
+markdown table; --out writes the rows as JSON.
+
+    python bench/ssd_kernels.py [--batch 8] [--seqlens 2048 8192] [--out FILE]
+
+mamba_ssm's Triton files (state-spaces/mamba, mamba_ssm/ops/triton + the two small utils
+they import, and einops) live in the git-ignored .vendor/, put there by hand; they need no
+CUDA extension. Shapes default to d_model 2048, expand 2, headdim 64 (32 heads), d_state
+128, one group, chunk 256, bf16 activations with fp32 A, D, dt_bias (as under autocast).
+"""
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench, do_bench_cudagraph
+
+from arch.kernels.conv import causal_conv1d_silu
+from arch.kernels.norm import rmsnorm_gated
+from arch.kernels.ssd_triton import ssd_chunked_triton
+from arch.kernels.state_update import ssd_step_triton
+from arch.ssd import ssd_chunked, ssd_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / ".vendor"))
+try:
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+except ImportError as err:
+    sys.exit(f"mamba_ssm's Triton files are not importable from .vendor/: {err}")
+
+
+BASELINE = "mamba_ssm (baseline)"
+EPS = 1e-5
+DEVICE = "cuda"
+
+
+def mamba_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus):
+    return mamba_chunk_scan_combined(
+        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
+    )
+
+
+def scan_inputs(batch, seqlen, heads, headdim, groups, dstate) -> dict:
+    bf16 = {"device": DEVICE, "dtype": torch.bfloat16}
+    f32 = {"device": DEVICE, "dtype": torch.float32}
+    return {
+        "x": torch.randn(batch, seqlen, heads, headdim, **bf16),
+        "dt": torch.randn(batch, seqlen, heads, **bf16) * 0.5 - 2,  # softplus ~ 0.1
+        "A": -torch.empty(heads, **f32).uniform_(1, 16),
+        "B": torch.randn(batch, seqlen, groups, dstate, **bf16),
+        "C": torch.randn(batch, seqlen, groups, dstate, **bf16),
+        "D": torch.randn(heads, **f32),
+        "z": torch.randn(batch, seqlen, heads, headdim, **bf16),
+        "dt_bias": torch.randn(heads, **f32) * 0.1,
+    }
+
+
+def time_op(fn, inputs: dict) -> dict:
+    """Forward and forward+backward ms of fn(**inputs), and its output and gradients."""
+    with torch.no_grad():
+        fwd = do_bench(lambda: fn(**inputs), return_mode="median")
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    out = fn(**leaves)
+    gen = torch.Generator(out.device).manual_seed(1)  # the same for every implementation
+    dout = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+    out.backward(dout)
+    values = {"out": out.detach(), **{k: v.grad for k, v in leaves.items()}}
+    both = do_bench(lambda: fn(**leaves).backward(dout), grad_to_none=list(leaves.values()),
+                    return_mode="median")  # fmt: skip
+    return {"fwd_ms": fwd, "fwd_bwd_ms": both, "values": values}
+
+
+def deviation(values: dict, baseline: dict) -> float:
+    """Largest |ours - baseline| over all outputs, relative to the baseline's largest entry."""
+    return max(
+        ((values[k].float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        for k, ref in baseline.items()
+    )
+
+
+def compare(op: str, seqlen: int, impls: dict, inputs: dict) -> list[dict]:
+    """One row per implementation; the first is the baseline."""
+    rows, base = [], None
+    for name, fn in impls.items():
+        row = {"op": op, "seqlen": seqlen, "impl": name}
+        try:
+            r = time_op(fn, inputs)
+        except Exception as err:  # out of memory, or a compiler failure: say so, go on
+            rows.append({**row, "error": f"{type(err).__name__}: {str(err)[:80]}"})
+            print(json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache()
+            continue
+        values = r.pop("values")
+        if not rows:
+            base = {**r, "values": values}
+        row |= r
+        if base is not None:
+            row["fwd_vs_baseline"] = r["fwd_ms"] / base["fwd_ms"]
+            row["fwd_bwd_vs_baseline"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+            row["max_rel_dev"] = deviation(values, base["values"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del values
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_scan(args) -> list[dict]:
+    def scan(fn):
+        return partial(fn, chunk_size=args.chunk, dt_softplus=True)
+
+    impls = {
+        BASELINE: scan(mamba_scan),
+        "ours triton": scan(ssd_chunked_triton),
+        "ref torch eager": scan(ssd_chunked),
+        "ref torch.compile": scan(torch.compile(ssd_chunked)),
+    }
+    rows = []
+    for seqlen in args.seqlens:
+        torch.manual_seed(0)
+        inputs = scan_inputs(args.batch, seqlen, args.heads, args.headdim, args.groups, args.dstate)
+        rows += compare("ssd scan", seqlen, impls, inputs)
+    return rows
+
+
+def conv_reference(x, weight, bias):
+    weight, bias = weight.to(x.dtype), bias.to(x.dtype)  # as under autocast
+    conv = F.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=weight.shape[1] - 1,
+                    groups=x.shape[2])  # fmt: skip
+    return F.silu(conv[..., : x.shape[1]]).transpose(1, 2)
+
+
+def norm_reference(x, z, weight, group_size):
+    gated = x.float() * F.silu(z.float())
+    groups = gated.unflatten(-1, (-1, group_size))
+    normed = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + EPS)
+    return (normed.flatten(-2) * weight.float()).to(x.dtype)
+
+
+def bench_conv_norm(args) -> list[dict]:
+    """Mamba2's conv + SiLU (on a slice of in_proj's output) and gated RMSNorm. mamba_ssm's
+    conv is a CUDA extension (causal_conv1d), so there the baseline is PyTorch eager."""
+    d_inner = args.heads * args.headdim
+    channels = d_inner + 2 * args.groups * args.dstate
+    gs = d_inner // args.groups
+    convs = {
+        "ref torch eager": conv_reference,
+        "ours triton": causal_conv1d_silu,
+        "ref torch.compile": torch.compile(conv_reference),
+    }
+    norms = {
+        BASELINE: lambda x, z, weight: rmsnorm_fn(
+            x, weight, None, z=z, eps=EPS, group_size=gs, norm_before_gate=False
+        ),
+        "ours triton": partial(rmsnorm_gated, eps=EPS, group_size=gs),
+        "ref torch eager": partial(norm_reference, group_size=gs),
+        "ref torch.compile": partial(torch.compile(norm_reference), group_size=gs),
+    }
+    rows = []
+    for seqlen in args.seqlens:
+        torch.manual_seed(0)
+        bf16 = {"device": DEVICE, "dtype": torch.bfloat16}
+        zxbcdt = torch.randn(args.batch, seqlen, d_inner + channels + args.heads, **bf16)
+        conv_in = {"x": zxbcdt[..., d_inner : d_inner + channels],
+                   "weight": torch.randn(channels, 4, device=DEVICE) * 0.5,
+                   "bias": torch.randn(channels, device=DEVICE)}  # fmt: skip
+        rows += compare("conv1d + silu", seqlen, convs, conv_in)
+        norm_in = {"x": torch.randn(args.batch, seqlen, d_inner, **bf16),
+                   "z": zxbcdt[..., :d_inner],
+                   "weight": torch.randn(d_inner, device=DEVICE)}  # fmt: skip
+        rows += compare("gated rmsnorm", seqlen, norms, norm_in)
+    return rows
+
+
+def step_impls(batch: int, args) -> dict:
+    """Decode-step closures over one state argument, on the same inputs."""
+    h, p, n = args.heads, args.headdim, args.dstate
+    t = {k: v[:, 0] if v.dim() > 2 else v
+         for k, v in scan_inputs(batch, 1, h, p, args.groups, n).items()}  # fmt: skip
+    # mamba_ssm's Mamba2 ties the per-channel arguments to heads with stride-0 views.
+    tied = {
+        "dt": t["dt"][..., None].expand(batch, h, p),
+        "A": t["A"][:, None, None].expand(h, p, n),
+        "D": t["D"][:, None].expand(h, p),
+        "dt_bias": t["dt_bias"][:, None].expand(h, p),
+    }
+    return {
+        BASELINE: lambda s: selective_state_update(
+            s, t["x"], B=t["B"], C=t["C"], z=t["z"], dt_softplus=True, **tied
+        ),
+        "ours triton": lambda s: ssd_step_triton(s, **t, dt_softplus=True),
+        "ref torch eager": lambda s: ssd_step(s, **t, dt_softplus=True),
+    }
+
+
+def bench_step(args) -> list[dict]:
+    rows = []
+    for batch in (args.batch, 16 * args.batch):
+        torch.manual_seed(0)
+        impls = step_impls(batch, args)
+        state = torch.randn(batch, args.heads, args.headdim, args.dstate, device=DEVICE)
+        outputs = {name: step(state.clone()) for name, step in impls.items()}
+        base = None
+        for name, step in impls.items():
+            s = state.clone()
+            ms = do_bench_cudagraph(lambda step=step, s=s: step(s), return_mode="median")
+            base = base or ms  # the baseline runs first
+            dev = deviation({"y": outputs[name]}, {"y": outputs[BASELINE]})
+            row = {"op": "decode step (cuda graph)", "seqlen": batch, "impl": name,
+                   "fwd_ms": ms, "fwd_vs_baseline": ms / base, "max_rel_dev": dev}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    def fmt(v):
+        return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    cols = ["op", "seqlen", "impl", "fwd_ms", "fwd_vs_baseline", "fwd_bwd_ms",
+            "fwd_bwd_vs_baseline", "max_rel_dev", "error"]  # fmt: skip
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--headdim", type=int, default=64)
+    parser.add_argument("--groups", type=int, default=1)
+    parser.add_argument("--dstate", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; batch {args.batch}, "
+          f"{args.heads} heads x {args.headdim}, d_state {args.dstate}, {args.groups} group(s), "
+          f"chunk {args.chunk}, bf16 (seqlen column: batch for decode)", flush=True)  # fmt: skip
+    rows = bench_scan(args) + bench_step(args) + bench_conv_norm(args)
+    print(table(rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
