@@ -2,12 +2,14 @@
 PYTHON ?= python3
 VENV   ?= .venv
 STUDY  ?= studies/smoke.yaml
+SEARCH ?= studies/search.yaml
 # One torch release for every machine: the CPU build where there is no CUDA wheel, a CUDA build elsewhere.
 TORCH  ?= torch==2.13.0
 PORT   ?= 5000
+OPTUNA_PORT ?= 8080
 BIN    := $(VENV)/bin
 
-.PHONY: study plan results dashboard test lint clean
+.PHONY: study plan results analyze dashboard search optuna-dashboard test lint bench clean
 
 study: $(VENV)/.installed
 	$(BIN)/hybridscale study $(STUDY)
@@ -18,15 +20,41 @@ plan: $(VENV)/.installed
 results: $(VENV)/.installed
 	$(BIN)/hybridscale results $(STUDY)
 
+# Scaling-law fits, the 8B extrapolation and a report (results/<study>/analysis/report.html).
+analyze: $(VENV)/.installed
+	$(BIN)/hybridscale analyze $(STUDY)
+
 # The MLflow UI over the local store, on this machine only.
 dashboard: $(VENV)/.installed
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/results/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+# An Optuna search over layer patterns (studies/search.yaml); run it again to continue it.
+search: $(VENV)/.installed
+	$(BIN)/hybridscale search $(SEARCH)
+
+# optuna-dashboard over the search's Optuna storage, on this machine only.
+optuna-dashboard: $(VENV)/.installed
+	$(BIN)/hybridscale search $(SEARCH) --dashboard --port $(OPTUNA_PORT)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+
+# The GPU benchmarks (about 30 min on one H100), each printing its ratios measured side by
+# side; JSON lands in results/bench/. Figures worth keeping go to bench/RESULTS.md.
+# bench/ssd_kernels.py needs mamba_ssm's Triton files in .vendor/ (see its docstring);
+# bench/data_parallel.py needs two GPUs and is run on its own.
+BENCH_OUT := results/bench
+bench: $(VENV)/.installed
+	mkdir -p $(BENCH_OUT)
+	$(BIN)/python bench/train_throughput.py --sizes 125m 350m --out $(BENCH_OUT)/throughput.json
+	$(BIN)/python bench/ssd_kernels.py --out $(BENCH_OUT)/ssd_kernels.json
+	$(BIN)/python bench/packing.py --out $(BENCH_OUT)/packing.json
+	$(BIN)/python bench/decode.py --out $(BENCH_OUT)/decode.json
+	$(BIN)/python bench/search.py --out $(BENCH_OUT)/search.json
+	$(BIN)/python bench/loader.py --out $(BENCH_OUT)/loader.json
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "hybridscale needs Python >= 3.11; set PYTHON=python3.11"'

@@ -1,4 +1,4 @@
-"""The ``hybridscale`` command line: plan, train, study, results."""
+"""The ``hybridscale`` command line: plan, train, study, search, results, analyze."""
 
 import argparse
 import json
@@ -79,6 +79,35 @@ def study(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def search(args: argparse.Namespace) -> int:
+    from runners.search_space import load_search
+
+    spec = load_search(args.spec)  # every error surfaces before Ray starts
+    from runners.search import SearchOptions, run_search, serve_dashboard, storage_url
+
+    options = _study_options(args)
+    settings = SearchOptions(storage=args.storage, trials=args.trials, parallel=args.parallel,
+                             timeout_s=args.timeout)  # fmt: skip
+    if args.dashboard:
+        try:
+            serve_dashboard(storage_url(spec, options, settings), args.port)
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    report = run_search(spec, options, settings)
+    hidden = {"mlflow_run_id", "reason"}
+    title = "Pareto front" if len(spec.search.objectives) > 1 else "best trials"
+    print(f"\n{title}:")
+    print_table([{k: v for k, v in row.items() if k not in hidden} for row in report.best])
+    for objective, importances in report.importances.items():
+        ranked = ", ".join(f"{k} {v:.2f}" for k, v in importances.items())
+        print(f"importance for {objective}: {ranked}")
+    print(f"\nReport: {report.folder}  (trials, best, pareto .csv/.png, importances.json)")
+    print("Browse the trials: make optuna-dashboard  (or make dashboard for MLflow)")
+    return 0 if report.best else 1
+
+
 def results(args: argparse.Namespace) -> int:
     spec, trials = load_spec(args.spec)
     from mlflow.tracking import MlflowClient
@@ -91,6 +120,28 @@ def results(args: argparse.Namespace) -> int:
         print(f"error: no runs of study {spec.name!r} in {options.uri()}", file=sys.stderr)
         return 2
     _print_results(summary_rows(client, spec.name, trials, {}))
+    return 0
+
+
+def analyze(args: argparse.Namespace) -> int:
+    spec, _ = load_spec(args.spec)
+    from mlflow.tracking import MlflowClient
+
+    from analysis.report import run
+    from runners.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(Path(args.results))
+    client = MlflowClient(uri)
+    if client.get_experiment_by_name(spec.name) is None:
+        print(f"error: no runs of study {spec.name!r} in {uri}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.results) / spec.name / "analysis"
+    folder, parent = run(client, spec.name, out, resamples=args.resamples, seed=args.seed)
+    print(f"Report: {folder / 'report.html'} and {folder / 'report.md'}")
+    if parent:
+        print(f"Logged to the study's parent run {parent}")
+    else:
+        print("No parent run of this study in the store: the report is not in MLflow")
     return 0
 
 
@@ -137,10 +188,35 @@ def main(argv: list[str] | None = None) -> int:
     storage(p)
     p.set_defaults(run=study)
 
+    p = commands.add_parser("search", help="run (or continue) a spec's Optuna search on Ray")
+    p.add_argument("spec", help="a study spec with a search section, e.g. studies/search.yaml")
+    p.add_argument("--storage", help="Optuna storage: an RDB URL or a journal file "
+                   "(default: results/<study>/optuna.journal)")  # fmt: skip
+    p.add_argument("--trials", type=int, help="trials in the study (default: search.trials)")
+    p.add_argument("--parallel", type=int, help="trials at once (default: search.parallel)")
+    p.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    p.add_argument("--dashboard", action="store_true",
+                   help="serve optuna-dashboard over the storage instead of searching")  # fmt: skip
+    p.add_argument("--port", type=int, default=8080, help="the dashboard's port (default 8080)")
+    p.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS or local)")
+    p.add_argument("--retries", type=int, default=2, help="retries of a crashed trial")
+    p.add_argument("--device", help="force a torch device, e.g. cpu")
+    p.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
+    storage(p)
+    p.set_defaults(run=search)
+
     p = commands.add_parser("results", help="print a study's results table from MLflow")
     p.add_argument("spec")
     storage(p)
     p.set_defaults(run=results)
+
+    p = commands.add_parser("analyze", help="fit scaling laws, extrapolate to 8B, write a report")
+    p.add_argument("spec")
+    p.add_argument("--resamples", type=int, default=200, help="bootstrap resamples (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--out", help="report folder (default results/<study>/analysis/)")
+    storage(p)
+    p.set_defaults(run=analyze)
 
     p = commands.add_parser("train", help="train one trial config")
     p.add_argument("config", help="YAML with model/data/training sections")

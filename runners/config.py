@@ -34,6 +34,7 @@ def _count(value: object) -> object:
 
 
 Count = Annotated[PositiveInt, BeforeValidator(_count)]
+ProbeName = Literal["mqar", "phonebook", "copy", "selective_copy"]  # data/probes.py
 
 
 class DataConfig(StrictModel):
@@ -45,6 +46,17 @@ class DataConfig(StrictModel):
     bpe_vocab_size: PositiveInt = 8192
     seq_len: PositiveInt = 128
     val_fraction: Ratio = 0.01
+    # Probe tasks (mqar, phonebook, copy, selective_copy) -> the fraction of training rows
+    # they fill; every probe named here is evaluated (probe_<name>_acc), 0.0 only that.
+    probes: dict[ProbeName, Ratio] = {}
+    eval_tokens: Count = 32768  # validation tokens per evaluation
+    probe_examples: PositiveInt = 64  # held-out examples per probe per evaluation
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if sum(self.probes.values()) > 1:
+            raise ValueError(f"probes: fractions {dict(self.probes)} add up to more than 1")
+        return self
 
 
 class TrainingConfig(StrictModel):

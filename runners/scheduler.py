@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from arch.accounting import param_counts
 from runners.config import TrialConfig
+from runners.distributed import data_parallel_task
 from runners.spec import StudySpec
 from runners.tracking import STATUS_TAG, RunLog, default_tracking_uri, experiment_id
 from runners.train import TrainOptions, TrialOutcome, train_trial
@@ -50,6 +51,18 @@ def gpu_fraction(trial: TrialConfig, gpu_memory_gb: float) -> float:
     return min(1.0, max(1, -(-need_gb * 8 // gpu_memory_gb)) / 8)
 
 
+def trial_demand(
+    trial: TrialConfig, workers: int, gpus: float, gpu_memory_gb: float, options: StudyOptions
+) -> dict[str, float]:
+    """What a trial holds while it runs: a CPU per worker and, on a GPU cluster, a whole
+    GPU per data-parallel worker or a share of one GPU for a single-worker trial."""
+    if not gpus:
+        return {"CPU": workers}
+    if workers > 1:
+        return {"CPU": workers, "GPU": workers}
+    return {"CPU": 1, "GPU": options.gpus_per_trial or gpu_fraction(trial, gpu_memory_gb)}
+
+
 def finished_trials(client: MlflowClient, experiment: str) -> dict[str, str]:
     """trial id -> run id of its finished run, from the store."""
     found = client.get_experiment_by_name(experiment)
@@ -61,7 +74,7 @@ def finished_trials(client: MlflowClient, experiment: str) -> dict[str, str]:
     return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
 
 
-def _parent_run(client: MlflowClient, uri: str, study: str) -> str:
+def parent_run(client: MlflowClient, uri: str, study: str) -> str:
     exp = experiment_id(client, study, uri)
     runs = client.search_runs([exp], f"tags.`{STUDY_TAG}` = '{study}' and tags.kind = 'study'")
     if runs:
@@ -72,7 +85,7 @@ def _parent_run(client: MlflowClient, uri: str, study: str) -> str:
 
 
 @ray.remote
-def _run_remote(trial: TrialConfig, options: TrainOptions) -> TrialOutcome:
+def run_remote(trial: TrialConfig, options: TrainOptions) -> TrialOutcome:
     # NVLink multicast misbehaves on shared GPUs; keep NCCL off it in every worker.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     return train_trial(trial, options)
@@ -104,7 +117,7 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
     client = MlflowClient(uri)
     study_dir = options.results_dir / spec.name
     workdir = options.checkpoint_dir or study_dir / "trials"
-    parent = _parent_run(client, uri, spec.name)
+    parent = parent_run(client, uri, spec.name)
     done = finished_trials(client, spec.name)
     todo = [t for t in trials if t.trial_id not in done]
     print(
@@ -112,13 +125,13 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
     )
     print(f"MLflow store: {uri}")
 
-    _start_ray(options)
+    start_ray(options)
     gpus = ray.cluster_resources().get("GPU", 0)
-    gpu_memory = _gpu_memory_gb() if gpus else 0.0
+    gpu_memory = gpu_size_gb() if gpus else 0.0
     outcomes: dict[str, TrialOutcome] = {}
     if todo:
         # Prepare shared data once in the driver, so workers never race to build it.
-        from runners.data import open_data
+        from data import open_data
 
         for data_config in {t.data.model_dump_json(): t.data for t in todo}.values():
             open_data(data_config, options.results_dir / "data")
@@ -126,6 +139,26 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
         progress = Progress(len(trials), len(done))
         attempts = {t.trial_id: 0 for t in todo}
         pending: dict = {}
+        workers = {t.trial_id: spec.resources.workers_for(t) for t in todo}
+        demand = {
+            t.trial_id: trial_demand(t, workers[t.trial_id], gpus, gpu_memory, options)
+            for t in todo
+        }
+        total = ray.cluster_resources()
+        free = {key: total.get(key, 0.0) for key in ("CPU", "GPU")}
+        # Largest first (GPUs, then CPUs, then parameters), so big trials never wait
+        # behind a GPU's scraps; smaller ones backfill what is left.
+        queue = sorted(todo, key=lambda t: (-demand[t.trial_id].get("GPU", 0),
+                                            -demand[t.trial_id]["CPU"],
+                                            -param_counts(t.model)["total"]))  # fmt: skip
+        for trial in list(queue):
+            short = [f"{v:g} {k}" for k, v in demand[trial.trial_id].items() if v > free[k]]
+            if short:  # could never start here: say so instead of waiting forever
+                queue.remove(trial)
+                reason = f"needs {', '.join(short)}; the cluster has {free}"
+                outcomes[trial.trial_id] = TrialOutcome(trial.trial_id, "failed", "", reason=reason)
+                progress.failed += 1
+                progress.show(f"{trial.trial_id} failed: {reason}")
 
         def submit(trial: TrialConfig) -> None:
             attempts[trial.trial_id] += 1
@@ -133,17 +166,31 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
                 workdir=workdir, tracking_uri=uri, data_dir=options.results_dir / "data",
                 experiment=spec.name, parent_run_id=parent, device=options.device,
                 tags={STUDY_TAG: spec.name, "kind": "trial"},
+                log_every=10,  # many trials share one store: don't write it every step
             )  # fmt: skip
-            resources = {"num_cpus": 1}
-            if gpus:
-                share = options.gpus_per_trial or gpu_fraction(trial, gpu_memory)
-                resources = {"num_cpus": 1, "num_gpus": share}
-            ref = _run_remote.options(**resources, max_retries=0).remote(trial, train)
+            need = demand[trial.trial_id]
+            if workers[trial.trial_id] > 1:  # Ray Train places the workers, all at once
+                ref = data_parallel_task.options(max_retries=0).remote(
+                    trial, train, workers[trial.trial_id], bool(gpus)
+                )
+            else:
+                resources = {"num_cpus": 1, "num_gpus": need.get("GPU", 0)}
+                ref = run_remote.options(**resources, max_retries=0).remote(trial, train)
             pending[ref] = trial
             progress.running += 1
 
-        for trial in sorted(todo, key=lambda t: -param_counts(t.model)["total"]):
-            submit(trial)  # largest first, so big trials never wait behind a GPU's scraps
+        def start_fitting() -> None:
+            """Start every queued trial that fits what no running trial holds. Each trial
+            takes all it needs at once, so none waits holding part of it: no deadlock."""
+            for trial in list(queue):
+                need = demand[trial.trial_id]
+                if all(need[key] <= free[key] + 1e-9 for key in need):
+                    queue.remove(trial)
+                    for key in need:
+                        free[key] -= need[key]
+                    submit(trial)
+
+        start_fitting()
         progress.show("started")
         interrupted = False
         try:
@@ -152,12 +199,15 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
                 ref = ready[0]
                 trial = pending.pop(ref)
                 progress.running -= 1
-                outcome = _collect(ref, trial)
+                outcome = collect(ref, trial)
                 retry = outcome.status in ("failed", "oom", "crashed")
                 if retry and attempts[trial.trial_id] <= options.max_retries:
                     progress.show(f"{trial.trial_id} {outcome.status} ({outcome.reason}); retrying")
-                    submit(trial)
+                    submit(trial)  # on the resources it still holds
                     continue
+                for key, value in demand[trial.trial_id].items():
+                    free[key] += value
+                start_fitting()
                 outcomes[trial.trial_id] = outcome
                 progress.ran += 1
                 if outcome.status == "finished":
@@ -181,7 +231,7 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
     return rows
 
 
-def _collect(ref, trial: TrialConfig) -> TrialOutcome:
+def collect(ref, trial: TrialConfig) -> TrialOutcome:
     """The trial's outcome, with a dead worker (killed process or node) as 'crashed'."""
     try:
         return ray.get(ref)
@@ -192,7 +242,7 @@ def _collect(ref, trial: TrialConfig) -> TrialOutcome:
         return TrialOutcome(trial.trial_id, "crashed", "", reason=reason)
 
 
-def _start_ray(options: StudyOptions) -> None:
+def start_ray(options: StudyOptions) -> None:
     if ray.is_initialized():
         return
     address = options.address or os.environ.get("RAY_ADDRESS")
@@ -205,7 +255,7 @@ def _start_ray(options: StudyOptions) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _gpu_memory_gb() -> float:
+def gpu_size_gb() -> float:
     import torch
 
     if torch.cuda.is_available():

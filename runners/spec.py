@@ -3,18 +3,32 @@
 A spec names a base trial (``model``, ``data``, ``training``; each may name a
 preset from ``configs/<section>/`` and override its fields) and a ``sweep`` of
 axes. Axes cross each other, except those listed in ``sweep.zip``, which
-advance together. Every error is a :class:`SpecError` whose one-line message
-names the file, the field path and the rule broken.
+advance together. Instead of a sweep, a ``search`` section declares the space an
+Optuna search samples (runners/search_space.py, runners/search.py). Every error is
+a :class:`SpecError` whose one-line message names the file, the field path and the
+rule broken.
 """
 
 import difflib
 import itertools
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from arch.accounting import param_counts
 from arch.config import Pattern, Ratio, StrictModel
 from runners.config import Count, TrialConfig
 
@@ -97,6 +111,185 @@ class Sweep(StrictModel):
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
+class Resources(StrictModel):
+    """How a study's trials run, not what they are: nothing here enters a trial's id, and
+    more workers at the same global batch train the same curve."""
+
+    # Data-parallel workers (a GPU each) per trial: one number for every trial, or a size
+    # rule {min_params: workers}, e.g. {300M: 2, 1B: 4}: a trial takes the rule of the
+    # largest threshold its parameter count reaches, and one worker below them all.
+    workers: dict[Count, PositiveInt] = {1: 1}
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _every_trial(cls, value: Any) -> Any:
+        """One number is the rule for every trial (from one parameter up)."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise ValueError(f"{value}: give a number of workers >= 1, or {{min_params: n}}")
+            return {1: value}
+        return value
+
+    def workers_for(self, trial: TrialConfig) -> int:
+        params = param_counts(trial.model)["total"]
+        reached = [(t, w) for t, w in self.workers.items() if params >= t]
+        return max(reached)[1] if reached else 1
+
+
+# ---- search: the space an Optuna search samples (runners/search.py runs it) ----------------
+
+
+def _as_choices(value: Any) -> Any:
+    """A dimension written as one value or a list of values is a list of choices."""
+    if isinstance(value, dict):
+        return value
+    return {"choices": value if isinstance(value, list) else [value]}
+
+
+def _check_dim(dim: Any) -> Any:
+    if dim.choices is not None:
+        if dim.low is not None or dim.high is not None:
+            raise ValueError("give a list of choices or low/high, not both")
+    elif dim.low is None or dim.high is None:
+        raise ValueError("give a list of choices, or low and high")
+    elif dim.low > dim.high:
+        raise ValueError(f"low {dim.low} is above high {dim.high}")
+    return dim
+
+
+class IntDim(StrictModel):
+    """Whole numbers to search: a value, a list of choices, or every value low..high."""
+
+    choices: Annotated[list[NonNegativeInt], Field(min_length=1)] | None = None
+    low: NonNegativeInt | None = None
+    high: NonNegativeInt | None = None
+    _check = model_validator(mode="after")(_check_dim)
+
+    @property
+    def lowest(self) -> int:
+        return min(self.choices) if self.choices else self.low
+
+
+class FloatDim(StrictModel):
+    """Real numbers to search: a value, a list of choices, or the range low..high."""
+
+    choices: Annotated[list[PositiveFloat], Field(min_length=1)] | None = None
+    low: PositiveFloat | None = None
+    high: PositiveFloat | None = None
+    log: bool = False  # sample the range on a log scale (learning rates)
+    _check = model_validator(mode="after")(_check_dim)
+
+
+Ints = Annotated[IntDim, BeforeValidator(_as_choices)]
+Floats = Annotated[FloatDim, BeforeValidator(_as_choices)]
+Placement = Literal["even", "free"]  # attention spread evenly, or each layer's depth searched
+
+# What a search can optimise, and which way. probe_* metrics are accuracies.
+OBJECTIVES = {"val_loss": "minimize", "val_bpb": "minimize", "decode_bytes": "minimize"}
+
+
+def direction(objective: str) -> str:
+    return OBJECTIVES.get(objective, "maximize")
+
+
+def _objective(name: str) -> str:
+    if name not in OBJECTIVES and not name.startswith("probe_"):
+        raise ValueError(f"{name!r} is not an objective: use {', '.join(OBJECTIVES)} or probe_*")
+    return name
+
+
+Objective = Annotated[str, AfterValidator(_objective)]
+
+
+class Budget(StrictModel):
+    """What candidates are matched on: d_model is chosen to meet it, so they compare fairly."""
+
+    params: Count | None = None
+    flops_per_token: Count | None = None  # training FLOPs per token at data.seq_len
+    tolerance: Ratio = 0.05  # the largest relative miss a candidate may have
+    multiple_of: PositiveInt = 8  # d_model is a multiple of this (and of what heads need)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Budget":
+        if (self.params is None) == (self.flops_per_token is None):
+            raise ValueError("give exactly one of params and flops_per_token")
+        return self
+
+
+class SearchSpace(StrictModel):
+    """The dimensions searched. Layer counts make a pattern: the mixers (Mamba-2, Mamba-1,
+    attention) in order, attention placed among them, MLPs spread after them."""
+
+    pattern: Annotated[list[Pattern], Field(min_length=1)] | None = None  # or whole patterns
+    mamba2: Ints | None = None
+    mamba1: Ints | None = None
+    attention: Ints | None = None
+    mlp: Ints | None = None
+    attention_placement: Annotated[
+        list[Placement], BeforeValidator(lambda v: v if isinstance(v, list) else [v]),
+        Field(min_length=1),
+    ] = ["even"]  # fmt: skip
+    no_attention_in_first: NonNegativeInt = 0  # mixer layers kept free of attention
+    ffn_ratio: Floats | None = None  # d_ffn / d_model
+    d_state: Ints | None = None
+    ssm_headdim: Ints | None = None
+    lr: Floats | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchSpace":
+        counts = {k: getattr(self, k) for k in ("mamba2", "mamba1", "attention", "mlp")}
+        if self.pattern:
+            given = [k for k, v in counts.items() if v is not None]
+            if given:
+                raise ValueError(f"give pattern choices or layer counts ({given[0]}), not both")
+            return self
+        mixers = sum(counts[k].lowest for k in ("mamba2", "mamba1", "attention") if counts[k])
+        if mixers < 1:
+            raise ValueError(
+                "a candidate could have no Mamba or attention layer: give mamba2, mamba1 or "
+                "attention a lowest count of at least 1"
+            )
+        return self
+
+
+class Search(StrictModel):
+    """An Optuna search over layer patterns and shapes, trials run in parallel on Ray."""
+
+    trials: PositiveInt = 20  # trials in the study, across restarts
+    parallel: PositiveInt = 2  # trials running at once
+    objectives: Annotated[list[Objective], Field(min_length=1)] = ["val_loss"]
+    sampler: Literal["tpe", "nsga2", "random"] | None = None  # TPE; NSGA-II for several
+    pruner: Literal["median", "hyperband", "none"] | None = None  # median; none for several
+    startup_trials: PositiveInt = 4  # random trials before TPE; trials the pruner waits for
+    seed: int = 0
+    decode_context: Count = 4096  # the context at which decode cost counts the KV cache
+    budget: Budget | None = None  # None: every candidate keeps the base model's d_model
+    space: SearchSpace
+
+    @model_validator(mode="after")
+    def _check(self) -> "Search":
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"objectives names one twice: {self.objectives}")
+        if self.pruner not in (None, "none"):
+            if len(self.objectives) > 1:
+                raise ValueError("pruner: Optuna prunes single-objective searches only")
+            if self.objectives[0] not in ("val_loss", "val_bpb"):
+                raise ValueError(
+                    f"pruner: {self.objectives[0]} is not evaluated during training; "
+                    "prune on val_loss or val_bpb"
+                )
+        return self
+
+    @property
+    def sampler_name(self) -> str:
+        return self.sampler or ("tpe" if len(self.objectives) == 1 else "nsga2")
+
+    @property
+    def pruner_name(self) -> str:
+        prunable = len(self.objectives) == 1 and self.objectives[0] in ("val_loss", "val_bpb")
+        return self.pruner or ("median" if prunable else "none")
+
+
 class StudySpec(StrictModel):
     """A whole study: a name, the base trial and the sweep around it."""
 
@@ -106,6 +299,14 @@ class StudySpec(StrictModel):
     data: dict[str, Any] = {}
     training: dict[str, Any] = {}
     sweep: Sweep = Sweep()
+    search: Search | None = None  # an Optuna search instead of a sweep
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _one_plan(self) -> "StudySpec":
+        if self.search and self.sweep.axes():
+            raise ValueError("a spec has a sweep or a search, not both")
+        return self
 
 
 # ---- loading -------------------------------------------------------------------------------
@@ -127,7 +328,9 @@ def load_spec(path: str | Path) -> tuple[StudySpec, list[TrialConfig]]:
         spec = StudySpec.model_validate(raw)
     except ValidationError as err:
         raise SpecError(_describe(path, err)) from None
-    return spec, expand(spec, path)
+    trials = expand(spec, path)
+    _check_workers(spec, trials, path)
+    return spec, trials
 
 
 def load_trial(path: str | Path, overrides: list[str] = ()) -> TrialConfig:
@@ -239,10 +442,9 @@ def _model_at(title: str, loc: tuple) -> list[str]:
             return []
         field = model.model_fields.get(part)
         annotation = getattr(field, "annotation", None)
-        model = (
-            annotation
-            if isinstance(annotation, type) and issubclass(annotation, StrictModel)
-            else None
+        options = (annotation, *typing.get_args(annotation))  # Search | None: Search
+        model = next(
+            (a for a in options if isinstance(a, type) and issubclass(a, StrictModel)), None
         )
     return list(model.model_fields) if model else []
 
@@ -269,7 +471,7 @@ def expand(spec: StudySpec, path: Path) -> list[TrialConfig]:
     for combo in itertools.product(*groups):
         point = {axis: value for part in combo for axis, value in part.items()}
         label = ", ".join(f"{axis}={_show(value)}" for axis, value in point.items())
-        raw = _trial_dict(spec, point)
+        raw = trial_dict(spec, point)
         try:
             trial = TrialConfig.model_validate(raw)
         except ValidationError as err:
@@ -284,6 +486,18 @@ def expand(spec: StudySpec, path: Path) -> list[TrialConfig]:
     return trials
 
 
+def _check_workers(spec: StudySpec, trials: list[TrialConfig], path: Path) -> None:
+    """Each worker takes an equal slice of the global batch, in whole micro-batches."""
+    for trial in trials:
+        workers, t = spec.resources.workers_for(trial), trial.training
+        if t.batch_size % (workers * (t.micro_batch_size or 1)):
+            micro = f" x micro_batch_size {t.micro_batch_size}" if t.micro_batch_size else ""
+            raise SpecError(
+                f"{path}: resources.workers: trial {trial.trial_id} has batch_size "
+                f"{t.batch_size}, not a multiple of its {workers} workers{micro}"
+            )
+
+
 def _show(value: Any) -> str:
     if isinstance(value, Shape):
         value = value.model_dump(exclude_none=True)
@@ -294,7 +508,7 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _trial_dict(spec: StudySpec, point: dict[str, Any]) -> dict:
+def trial_dict(spec: StudySpec, point: dict[str, Any]) -> dict:
     """The base trial with one sweep point applied on top."""
     model, data, training = dict(spec.model), dict(spec.data), dict(spec.training)
     if "model" in point:

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from runners.config import TrialConfig
@@ -102,3 +103,17 @@ def test_on_eval_hook_prunes(tmp_path, corpus_dir, data_cache):
     assert run.info.status == "KILLED"
     assert run.data.tags["hybridscale.status"] == "pruned"
     assert run.data.metrics["val_loss"] == seen[-1][2]
+
+
+def test_compiled_step_matches_eager(tmp_path, corpus_dir, data_cache):
+    """torch.compile of model + loss (one graph, every layer type) changes no result."""
+    import torch
+
+    curves = []
+    for compile in (False, True):
+        torch._dynamo.reset()
+        trial = tiny_trial(corpus_dir, tokens=64 * 8 * 3, compile=compile)
+        trainer = Trainer(trial, options(tmp_path / str(compile), data_cache))
+        assert trainer.run().status == "finished"
+        curves.append([h[2] for h in trainer.history])
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4)

@@ -1,0 +1,208 @@
+"""A study's whole analysis: every fit per layer mix, with bootstrap intervals, and what
+they predict at the paper's scale. Where points are too few, the reason replaces the fit."""
+
+from dataclasses import dataclass, field
+from itertools import combinations
+
+import numpy as np
+
+from analysis.extrapolate import (
+    PAPER_TOKENS,
+    Target,
+    compute_optimal,
+    first_crossover,
+    flops_law,
+    is_hybrid_axis,
+    paper_target,
+)
+from analysis.fit import FitError, LawFit, bootstrap_law, check_law_points, fit_law, interval
+from analysis.frontier import bootstrap_frontier, fit_frontier
+from analysis.isoflop import IsoFlopFit, bootstrap_isoflop, fit_isoflop
+from analysis.table import Mix, by_mix, columns
+from arch.allocation import MAMBA2
+
+
+@dataclass
+class MixAnalysis:
+    mix: Mix
+    rows: list[dict]
+    target: Target
+    flops_law: np.ndarray
+    law: LawFit | None = None
+    isoflop: IsoFlopFit | None = None
+    frontier: LawFit | None = None
+    notes: list[str] = field(default_factory=list)  # what could not be fitted, and why
+
+    def optimal(self, compute) -> dict[str, np.ndarray]:
+        """Compute-optimal N, D, L at each compute: the full fit, shape (C,)."""
+        return {
+            k: v[0] for k, v in compute_optimal(self.law.theta, self.flops_law, compute).items()
+        }
+
+    def optimal_samples(self, compute) -> dict[str, np.ndarray]:
+        return compute_optimal(self.law.samples, self.flops_law, compute)
+
+
+def analyze_mix(mix: Mix, rows: list[dict], resamples: int, seed: int = 0) -> MixAnalysis:
+    params, tokens, fpt, flops, loss = columns(
+        rows, "params", "tokens", "flops_per_token", "flops", "val_loss"
+    )
+    target = paper_target(mix)
+    result = MixAnalysis(mix, rows, target, flops_law(params, fpt, target))
+    try:
+        check_law_points(params, tokens)
+        law = fit_law([params, tokens], loss)
+        result.law = bootstrap_law(law, [params, tokens], loss, resamples, seed)
+    except FitError as err:
+        result.notes.append(str(err))
+    try:
+        fit = fit_isoflop(params, tokens, flops, loss)
+        result.isoflop = bootstrap_isoflop(fit, params, tokens, flops, loss, resamples, seed)
+    except FitError as err:
+        result.notes.append(str(err))
+    try:
+        result.frontier = bootstrap_frontier(
+            fit_frontier(flops, loss), flops, loss, resamples, seed
+        )
+    except FitError as err:
+        result.notes.append(str(err))
+    return result
+
+
+@dataclass
+class StudyAnalysis:
+    mixes: list[MixAnalysis]
+    predictions: list[dict]  # per mix: the 8B losses and compute-optimal sizes, with intervals
+    comparisons: list[dict]  # per pair of mixes: the 8B loss difference and its certainty
+    crossovers: list[dict]  # per pair: where one overtakes the other on the compute frontier
+    ratio_curves: dict[str, list[dict]]  # compute label -> loss against attention share
+    compute_grid: np.ndarray
+    notes: list[str]
+
+
+def _estimate(point: float, samples: np.ndarray) -> dict:
+    lo, hi = interval(samples)
+    return {"value": float(point), "lo": lo, "hi": hi}
+
+
+def predictions(m: MixAnalysis) -> dict:
+    """The mix at its 8B configuration: losses at the paper's token counts, and the
+    compute-optimal split of the compute the 8B model spends on the first of them."""
+    t = m.target
+    row = {"mix": m.mix.label, "config": t.name, "params": t.params}
+    compute = t.flops_per_token * PAPER_TOKENS[0]
+    row["compute"] = compute
+    if m.law is not None:
+        for tokens in PAPER_TOKENS:
+            row[f"loss@{tokens:.2g}"] = _estimate(
+                m.law.predict(t.params, tokens), m.law.predict_samples(t.params, tokens)
+            )
+        point, samples = m.optimal([compute]), m.optimal_samples([compute])
+        for key in ("N_opt", "D_opt", "L_opt"):
+            row[key] = _estimate(point[key][0], samples[key][:, 0])
+    if m.isoflop is not None:
+        iso, s = m.isoflop, m.isoflop.samples
+        row["isoflop N_opt"] = _estimate(
+            iso.n_opt(compute), [iso.n_opt(compute, law) for law in s[:, :2]]
+        )
+        row["isoflop D_opt"] = _estimate(
+            iso.d_opt(compute), [iso.d_opt(compute, law) for law in s[:, 2:]]
+        )
+    if m.frontier is not None:
+        row["frontier L(C)"] = _estimate(
+            m.frontier.predict(compute), m.frontier.predict_samples(compute)
+        )
+    return row
+
+
+def compare(a: MixAnalysis, b: MixAnalysis) -> list[dict]:
+    """Loss of a minus loss of b at each paper token count, each at its own 8B size. Mixes
+    are resampled independently, so sample i of one pairs with sample i of the other."""
+    out = []
+    for tokens in PAPER_TOKENS:
+        diff = a.law.predict_samples(a.target.params, tokens) - b.law.predict_samples(
+            b.target.params, tokens
+        )
+        point = a.law.predict(a.target.params, tokens) - b.law.predict(b.target.params, tokens)
+        finite = diff[np.isfinite(diff)]
+        out.append(
+            {
+                "a": a.mix.label,
+                "b": b.mix.label,
+                "tokens": tokens,
+                "diff": _estimate(point, diff),
+                "p_a_better": float(np.mean(finite < 0)),
+            }
+        )
+    return out
+
+
+def crossover(a: MixAnalysis, b: MixAnalysis, grid: np.ndarray) -> dict:
+    """Where the compute-optimal loss of a and b cross, from the smallest trial's compute."""
+    lo = min(r["flops"] for r in a.rows + b.rows)
+    c = grid[grid >= lo]
+    la, lb = a.optimal(c)["L_opt"], b.optimal(c)["L_opt"]
+    sa, sb = a.optimal_samples(c)["L_opt"], b.optimal_samples(c)["L_opt"]
+    found = [first_crossover(c, x, y) for x, y in zip(sa, sb, strict=True)]
+    point = first_crossover(c, la, lb)
+    return {
+        "a": a.mix.label,
+        "b": b.mix.label,
+        "C": _estimate(point, np.array(found)),
+        "fraction_with_crossover": float(np.mean(np.isfinite(found))),
+        "better_at_end": a.mix.label if la[-1] < lb[-1] else b.mix.label,
+        "range": (float(c[0]), float(c[-1])),
+    }
+
+
+def ratio_curves(fitted: list[MixAnalysis], budgets: dict[str, float]) -> dict[str, list[dict]]:
+    """Compute-optimal loss against attention share at each fixed compute, per SSM kind."""
+    curves = {}
+    on_axis = [m for m in fitted if is_hybrid_axis(m.mix)]
+    for label, compute in budgets.items():
+        points = []
+        for m in sorted(on_axis, key=lambda m: (m.mix.ssm, m.mix.attention)):
+            point = m.optimal([compute])["L_opt"][0]
+            samples = m.optimal_samples([compute])["L_opt"][:, 0]
+            points.append(
+                {
+                    "mix": m.mix.label,
+                    "ssm": m.mix.ssm,
+                    "attention": m.mix.attention,
+                    "mlp": m.mix.mlp,
+                    "C": compute,
+                    **_estimate(point, samples),
+                }
+            )
+        curves[label] = points
+    return curves
+
+
+def analyze(rows: list[dict], resamples: int = 200, seed: int = 0) -> StudyAnalysis:
+    notes = [] if rows else ["no finished trials with a val_loss in the store"]
+    # A seed of its own per mix: mixes are resampled independently of each other.
+    groups = by_mix(rows).items()
+    mixes = [analyze_mix(mix, group, resamples, seed + i) for i, (mix, group) in enumerate(groups)]
+    fitted = [m for m in mixes if m.law is not None]
+    if len(fitted) < 2:
+        notes.append(
+            "comparisons, crossovers and the hybrid-ratio curve need L(N, D) fits of at "
+            f"least 2 layer mixes; {len(fitted)} fitted"
+        )
+    top = max((m.target.flops_per_token * PAPER_TOKENS[-1] for m in mixes), default=1e24)
+    bottom = min((r["flops"] for r in rows), default=1e15) / 10
+    grid = np.geomspace(bottom, 10 * top, 400)
+    budgets = {}
+    if rows:
+        budgets["largest study compute"] = max(r["flops"] for r in rows)
+    paper_hybrid = paper_target(Mix(MAMBA2, 0.08, 0.5))  # the paper's 8B hybrid
+    budgets["hybrid_8b at 1.1T tokens"] = paper_hybrid.flops_per_token * PAPER_TOKENS[0]
+    return StudyAnalysis(
+        mixes=mixes,
+        predictions=[predictions(m) for m in mixes],
+        comparisons=[row for a, b in combinations(fitted, 2) for row in compare(a, b)],
+        crossovers=[crossover(a, b, grid) for a, b in combinations(fitted, 2)],
+        ratio_curves=ratio_curves(fitted, budgets) if len(fitted) >= 2 else {},
+        compute_grid=grid,
+        notes=notes,
+    )

@@ -1,0 +1,129 @@
+"""Data-parallel trials on several GPUs: scaling of one ~350M trial, and a mixed study.
+
+Needs a machine with at least 2 GPUs. Two measurements, side by side in one run:
+
+1. Scaling: the same 350M-parameter hybrid trial (d_model 1024, 48 layers, the paper's
+   8% attention / 50% MLP mix, byte vocabulary) at the same global batch, through the
+   study's own data-parallel path (Ray Train, DDP over NCCL), on 1 and on 2 GPUs; tokens/s
+   is the median over the steps after warm-up, read back from each run's MLflow metrics.
+   Target: 2 GPUs >= 1.8x one.
+2. A mixed study through the real scheduler: three 350M trials on 2 GPUs each and three
+   small trials on shares of a GPU (1M tokens each), sampling nvidia-smi every second.
+   Reports each GPU's mean utilisation and the share of samples it sat idle (< 5%).
+
+    python bench/data_parallel.py [--steps 30] [--out FILE]
+
+Prints one JSON line per measurement and a markdown table.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import ray
+import torch
+from gpu_util import GpuSampler  # bench/, beside this script
+from mlflow.tracking import MlflowClient
+
+from runners.config import TrialConfig
+from runners.distributed import run_data_parallel
+from runners.scheduler import StudyOptions, run_study
+from runners.spec import load_spec
+from runners.train import TrainOptions
+
+MODEL_350M = {"d_model": 1024, "n_layers": 48, "n_heads": 16, "attention_ratio": 0.08,
+              "mlp_ratio": 0.5, "d_state": 128, "ssm_headdim": 64, "vocab_size": 264}  # fmt: skip
+SEQ_LEN, BATCH, MICRO = 1024, 32, 8  # 32K tokens a step: 1 GPU runs 4 micro-batches, 2 run 2
+
+
+def scaling(folder: Path, workers: int, steps: int) -> dict:
+    trial = TrialConfig.model_validate({
+        "model": MODEL_350M,
+        "data": {"seq_len": SEQ_LEN},
+        "training": {"tokens": BATCH * SEQ_LEN * 1000, "batch_size": BATCH,
+                     "micro_batch_size": MICRO, "lr": 1e-3},
+    })  # fmt: skip
+    uri = f"sqlite:///{folder / f'scaling{workers}.db'}"
+    options = TrainOptions(workdir=folder / f"scaling{workers}", tracking_uri=uri,
+                           data_dir=folder / "data", stop_after_steps=steps,
+                           checkpoint_every=10**9)  # fmt: skip
+    outcome = run_data_parallel(trial, options, workers=workers, use_gpu=True)
+    assert outcome.status == "interrupted", outcome
+    client = MlflowClient(uri)
+
+    def after_warmup(metric: str) -> list[float]:
+        history = client.get_metric_history(outcome.run_id, metric)
+        return [m.value for m in sorted(history, key=lambda m: m.step)][5:]
+
+    rates, mfu = after_warmup("tokens_per_s"), after_warmup("mfu")
+    return {"measure": "scaling", "gpus": workers, "steps": len(rates),
+            "tokens_per_s": statistics.median(rates),
+            "mfu": statistics.median(mfu) if mfu else None}  # fmt: skip
+
+
+MIXED = """
+name: mixed
+model: {{d_model: 256, n_layers: 8, n_heads: 8, attention_ratio: 0.125, mlp_ratio: 0.5,
+         d_state: 64, ssm_headdim: 64, vocab_size: 264}}
+data: {{seq_len: {seq_len}}}
+training: {{tokens: 1M, batch_size: {batch}, micro_batch_size: {micro}, lr: 1.0e-3}}
+sweep:
+  size: [{{d_model: 1024, n_layers: 48, n_heads: 16, d_state: 128}}, {{d_model: 256}}]
+  seed: [0, 1, 2]
+resources: {{workers: {{100M: 2}}}}   # the 350M trials take two GPUs, the small ones a share
+"""
+
+
+def mixed_study(folder: Path) -> dict:
+    path = folder / "mixed.yaml"
+    path.write_text(textwrap.dedent(MIXED.format(seq_len=SEQ_LEN, batch=BATCH, micro=MICRO)))
+    spec, trials = load_spec(path)
+    start = time.time()
+    with GpuSampler() as sampler:
+        rows = run_study(spec, trials, StudyOptions(results_dir=folder / "results"))
+    per_gpu = list(zip(*sampler.samples, strict=True))
+    return {
+        "measure": "mixed_study", "trials": len(rows),
+        "finished": sum(r["status"] == "finished" for r in rows),
+        "data_parallel_trials": sum(spec.resources.workers_for(t) > 1 for t in trials),
+        "wall_s": time.time() - start,
+        "gpu_util_mean": [statistics.mean(g) for g in per_gpu],
+        "gpu_idle_share": [sum(u < 5 for u in g) / len(g) for g in per_gpu],
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=30, help="steps per scaling measurement")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        raise SystemExit(f"needs at least 2 GPUs; this machine has {gpus}")
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        one, two = scaling(folder, 1, args.steps), scaling(folder, 2, args.steps)
+        two["speedup"] = two["tokens_per_s"] / one["tokens_per_s"]
+        results += [one, two, mixed_study(folder)]
+    for row in results:
+        print(json.dumps(row), flush=True)
+    print(f"\n| GPUs | tokens/s | MFU | speedup |\n|---|---|---|---|\n"
+          f"| 1 | {one['tokens_per_s']:,.0f} | {one['mfu'] or 0:.3f} | 1.00 |\n"
+          f"| 2 | {two['tokens_per_s']:,.0f} | {two['mfu'] or 0:.3f} | {two['speedup']:.2f} "
+          f"(target >= 1.8) |")  # fmt: skip
+    mixed = results[2]
+    print(f"\nmixed study: {mixed['finished']}/{mixed['trials']} finished in "
+          f"{mixed['wall_s']:.0f}s; GPU utilisation {mixed['gpu_util_mean']}, "
+          f"idle share {mixed['gpu_idle_share']}")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

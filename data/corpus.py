@@ -1,0 +1,165 @@
+"""The raw text of a corpus: which files, what documents they hold, which split each is in.
+
+A document is one text file, one JSONL line's text field, or one table row's text column.
+Documents stream as pieces of bounded size, so a corpus larger than memory can be read.
+"""
+
+import glob
+import gzip
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+PIECE_CHARS = 1 << 20  # a text file is read in pieces of about this many characters
+TABLE_ROWS = 1024  # rows per batch read from a Parquet or Arrow table
+
+
+class DataError(Exception):
+    """Input that cannot be used; the message names the path or field."""
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    name: str  # as the manifest shows it (relative to the standard library for the default)
+
+    @property
+    def kind(self) -> str:
+        suffix = Path(self.path.name.removesuffix(".gz")).suffix.lower()
+        if suffix in (".jsonl", ".ndjson"):
+            return "jsonl"
+        if suffix in (".parquet", ".arrow", ".feather", ".ipc"):
+            return "table"
+        return "text"
+
+    def open_text(self, **kwargs) -> TextIO:
+        """The file as text, through gzip if its name ends in .gz."""
+        opener = gzip.open if self.path.name.endswith(".gz") else open
+        return opener(self.path, "rt", encoding="utf-8", **kwargs)
+
+    def stamp(self) -> list:
+        """Cheap identity for cache keys: a changed file gets new shards."""
+        stat = self.path.stat()
+        return [str(self.path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of a document: ``key`` is the document's content hash, ``last`` ends it."""
+
+    key: bytes
+    text: str
+    last: bool
+
+
+def resolve_sources(paths: list[str]) -> list[Source]:
+    """Files named by paths or globs, in a stable order; none: the built-in corpus."""
+    if not paths:
+        # The Python standard library: tens of MB of real code and English docstrings,
+        # on every machine that runs this project.
+        files = (p for p in STDLIB.rglob("*.py") if "site-packages" not in p.parts)
+        return [Source(p, p.relative_to(STDLIB).as_posix()) for p in sorted(files)]
+    sources = []
+    for pattern in paths:
+        matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
+        matched = [p for p in matched if p.is_file()]
+        if not matched:
+            raise DataError(f"{pattern}: no such file (or the glob matches no file)")
+        sources.extend(Source(p, str(p)) for p in matched)
+    return sources
+
+
+def stable_hash(value: object) -> str:
+    """A short hash of JSON-able ``value``, the same on every machine: a cache key."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def in_validation(key: bytes, val_fraction: float) -> bool:
+    """A document's split from its content alone: stable anywhere, and duplicates agree."""
+    return int.from_bytes(key[:8], "big") / 2**64 < val_fraction
+
+
+def pieces(source: Source, text_field: str, sha256: str) -> Iterator[Piece]:
+    """The documents of one source, as pieces; ``sha256`` is the file's (a text file's key)."""
+    if source.kind == "text":
+        yield from _text_pieces(source, bytes.fromhex(sha256))
+    else:
+        texts = (
+            _jsonl_texts(source, text_field)
+            if source.kind == "jsonl"
+            else _table_texts(source, text_field)
+        )
+        for text in texts:
+            yield Piece(hashlib.blake2b(text.encode(), digest_size=8).digest(), text, True)
+
+
+def _text_pieces(source: Source, key: bytes) -> Iterator[Piece]:
+    with source.open_text(errors="replace", newline="") as f:
+        piece = "".join(f.readlines(PIECE_CHARS))
+        while piece:
+            following = "".join(f.readlines(PIECE_CHARS))
+            yield Piece(key, piece, not following)
+            piece = following
+
+
+def _jsonl_texts(source: Source, field: str) -> Iterator[str]:
+    with source.open_text() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{source.path}:{number}: not JSON ({err.msg})") from None
+            if not isinstance(record, dict) or field not in record:
+                raise DataError(f"{source.path}:{number}: no '{field}' field")
+            if record[field] is not None:
+                yield str(record[field])
+
+
+def _table_texts(source: Source, field: str) -> Iterator[str]:
+    if source.path.suffix.lower() == ".parquet":
+        table = pq.ParquetFile(source.path)
+        _require_column(source, field, table.schema_arrow.names)
+        batches = table.iter_batches(batch_size=TABLE_ROWS, columns=[field])
+    else:
+        batches = _arrow_reader(source.path)
+        _require_column(source, field, batches.schema.names)
+    for batch in batches:
+        for start in range(0, batch.num_rows, TABLE_ROWS):
+            for text in batch.slice(start, TABLE_ROWS).column(field).to_pylist():
+                if text is not None:
+                    yield text
+
+
+def _require_column(source: Source, field: str, columns: list[str]) -> None:
+    if field not in columns:
+        raise DataError(f"{source.path}: no column '{field}' (it has {', '.join(columns)})")
+
+
+def _arrow_reader(path: Path) -> pa.RecordBatchReader:
+    """Arrow IPC batches, from the file format or the stream format (Hugging Face's caches)."""
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+        return pa.RecordBatchReader.from_batches(
+            reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+        )
+    except pa.ArrowInvalid:
+        return pa.ipc.open_stream(pa.memory_map(str(path)))

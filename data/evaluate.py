@@ -1,0 +1,63 @@
+"""What the trainer measures at intervals and at the end: validation loss, bits per byte
+(comparable across tokenizers), and probe accuracy."""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.loader import TokenWindows
+from data.probes import EVAL_STREAM, probe_batch
+
+BATCH_TOKENS = 8192  # tokens per forward pass: bounds the logits' memory at large vocabularies
+
+
+def bits_per_byte(nats: float, n_bytes: int) -> float:
+    """Total loss in nats over the bytes of text its tokens stand for, in bits per byte."""
+    return nats / math.log(2) / n_bytes
+
+
+@torch.no_grad()
+def validation_metrics(
+    model, windows: TokenWindows, token_bytes: np.ndarray, max_tokens: int, device: torch.device
+) -> dict:
+    """Mean loss per token over disjoint validation windows, and bits per byte over the
+    exact bytes of text the predicted tokens stand for."""
+    nats, tokens, n_bytes = 0.0, 0, 0
+    for rows in windows.sequential(max_tokens, max(1, BATCH_TOKENS // windows.seq_len)):
+        inputs, targets = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
+        logits = model(inputs.to(device)).float()
+        nats += F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten().to(device), reduction="sum"
+        ).item()
+        tokens += targets.numel()
+        n_bytes += int(token_bytes[rows[:, 1:]].sum())
+    return {"val_loss": nats / tokens, "val_bpb": bits_per_byte(nats, n_bytes)}
+
+
+@torch.no_grad()
+def probe_accuracy(
+    model,
+    name: str,
+    tokenizer,
+    seq_len: int,
+    device: torch.device,
+    examples: int = 64,
+    items: int | None = None,
+) -> float:
+    """The fraction of answers (a value, a number, a copied string) whose every token is the
+    model's top prediction, teacher-forced, over held-out examples 0..examples-1."""
+    correct = answers = 0
+    rows_per_batch = max(1, BATCH_TOKENS // seq_len)
+    for first in range(0, examples, rows_per_batch):
+        seeds = [(EVAL_STREAM, i) for i in range(first, min(first + rows_per_batch, examples))]
+        inputs, targets, spans = probe_batch(name, seeds, tokenizer, seq_len, items)
+        hits = (model(inputs.to(device)).argmax(-1).cpu() == targets).numpy()
+        correct += sum(
+            hits[row, start:end].all()
+            for row, row_spans in enumerate(spans)
+            for start, end in row_spans
+        )
+        answers += sum(len(row_spans) for row_spans in spans)
+    return correct / answers
