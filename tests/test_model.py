@@ -157,3 +157,17 @@ def test_top_k_sampling_stays_in_top_k():
 def test_tied_embeddings_share_storage():
     model = tiny_lm()
     assert model.lm_head.weight is model.embedding.weight
+
+
+@pytest.mark.parametrize("symbol", ["M", "m", "*", "-"])
+def test_each_block_traces_into_one_graph(symbol):
+    """torch.compile sees every block whole: no graph break inside a layer (the reference
+    path; the Triton kernels are checked on a GPU)."""
+    config = ModelConfig(pattern=symbol, d_model=32, n_heads=4, d_state=8, ssm_headdim=16,
+                         chunk_size=16, vocab_size=264, rotary_fraction=0.5)  # fmt: skip
+    block = HybridLM(config).blocks[0]
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(block)(torch.randn(2, 40, 32))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
