@@ -13,13 +13,13 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-PIECE_CHARS = 1 << 20  # a text file is read in pieces of about this many characters
+PIECE_BYTES = 1 << 20  # a text file is read in pieces of about this many bytes
 TABLE_ROWS = 1024  # rows per batch read from a Parquet or Arrow table
 
 
@@ -31,6 +31,9 @@ class DataError(Exception):
 class Source:
     path: Path
     name: str  # as the manifest shows it (relative to the standard library for the default)
+    # A user's file that is not UTF-8 is an error; the standard library holds a few legacy
+    # encoded files on purpose (tests of PEP 263), read with replacement characters.
+    errors: str = "strict"
 
     @property
     def kind(self) -> str:
@@ -41,10 +44,18 @@ class Source:
             return "table"
         return "text"
 
-    def open_text(self, **kwargs) -> TextIO:
-        """The file as text, through gzip if its name ends in .gz."""
-        opener = gzip.open if self.path.name.endswith(".gz") else open
-        return opener(self.path, "rt", encoding="utf-8", **kwargs)
+    def open(self) -> BinaryIO:
+        """The file's bytes, through gzip if its name ends in .gz."""
+        return gzip.open(self.path) if self.path.name.endswith(".gz") else open(self.path, "rb")
+
+    def decode(self, data: bytes, offset: int, line: int) -> str:
+        """``data``, read from byte ``offset`` (on line ``line``) of the file, as text."""
+        try:
+            return data.decode("utf-8", errors=self.errors)
+        except UnicodeDecodeError as err:
+            line += data.count(b"\n", 0, err.start)
+            where = f"byte {offset + err.start}: {err.reason}"
+            raise DataError(f"{self.path}:{line}: not UTF-8 text ({where})") from None
 
     def stamp(self) -> list:
         """Cheap identity for cache keys: a changed file gets new shards."""
@@ -74,7 +85,7 @@ def resolve_sources(paths: list[str]) -> list[Source]:
         # The Python standard library: tens of MB of real code and English docstrings,
         # on every machine that runs this project.
         files = (p for p in STDLIB.rglob("*.py") if "site-packages" not in p.parts)
-        return [Source(p, p.relative_to(STDLIB).as_posix()) for p in sorted(files)]
+        return [Source(p, p.relative_to(STDLIB).as_posix(), "replace") for p in sorted(files)]
     sources = []
     for pattern in paths:
         matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
@@ -111,17 +122,23 @@ def pieces(source: Source, text_field: str, sha256: str) -> Iterator[Piece]:
 
 
 def _text_pieces(source: Source, key: bytes) -> Iterator[Piece]:
-    with source.open_text(errors="replace", newline="") as f:
-        piece = "".join(f.readlines(PIECE_CHARS))
+    # Bytes cut at line ends: each piece decodes alone, and a bad byte has its line.
+    with source.open() as f:
+        offset, line = 0, 1
+        piece = b"".join(f.readlines(PIECE_BYTES))
         while piece:
-            following = "".join(f.readlines(PIECE_CHARS))
-            yield Piece(key, piece, not following)
+            following = b"".join(f.readlines(PIECE_BYTES))
+            yield Piece(key, source.decode(piece, offset, line), not following)
+            offset, line = offset + len(piece), line + piece.count(b"\n")
             piece = following
 
 
 def _jsonl_texts(source: Source, field: str) -> Iterator[str]:
-    with source.open_text() as f:
-        for number, line in enumerate(f, 1):
+    with source.open() as f:
+        offset = 0
+        for number, raw in enumerate(f, 1):
+            line = source.decode(raw, offset, number)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:

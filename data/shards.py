@@ -158,7 +158,7 @@ def _build(sources, tokenizer, text_field, val_fraction, folder, shard_tokens) -
             "vocab_size": tokenizer.vocab_size,
             "eot": tokenizer.eot,
         },
-        "dtype": np.dtype(_dtype(tokenizer)).name,
+        "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
         "splits": splits,
         "build_seconds": round(time.time() - started, 1),
     }
@@ -167,14 +167,17 @@ def _build(sources, tokenizer, text_field, val_fraction, folder, shard_tokens) -
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
-def _dtype(tokenizer) -> type:
-    return np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+def token_dtype(vocab_size: int) -> type:
+    """The smallest dtype that holds every token id below ``vocab_size``."""
+    if vocab_size > 2**32:
+        raise DataError(f"data.tokenizer: a vocabulary of {vocab_size} tokens does not fit uint32")
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
 def _write(sources, tokenizer, text_field, val_fraction, folder, shard_tokens, forced_val=None):
     """Stream every document through the tokenizer into its split's shards."""
     folder.mkdir(parents=True)
-    dtype = _dtype(tokenizer)
+    dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: ShardWriter(folder, split, dtype, shard_tokens) for split in SPLITS}
     eot = np.array([tokenizer.eot])
     listed, pending, pending_chars, lowest_key = [], [], 0, None

@@ -54,7 +54,8 @@ class HFTokenizer:
         if eot is None:
             raise DataError(f"{origin}: no end-of-text token (one of {', '.join(EOT_NAMES)})")
         self.eot = eot
-        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        # One past the largest id, which a vocabulary with gaps in its ids exceeds in size.
+        self.vocab_size = 1 + max(tokenizer.get_vocab(with_added_tokens=True).values())
         self.identity = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:

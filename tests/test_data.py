@@ -12,12 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data import DataError, open_data
 from data.corpus import resolve_sources
 from data.evaluate import bits_per_byte, validation_metrics
 from data.loader import TokenWindows
-from data.shards import prepare_shards, read_manifest, read_split
+from data.shards import prepare_shards, read_manifest, read_split, token_dtype
 from data.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_for, train_bpe
 from runners.config import DataConfig
 
@@ -86,7 +87,7 @@ def test_shards_round_trip_to_the_token_stream(mixed_corpus, tmp_path):
 
 def test_a_text_file_read_in_pieces_is_the_same_stream(corpus_dir, tmp_path, monkeypatch):
     """Text files stream in bounded pieces (a corpus may not fit in memory)."""
-    monkeypatch.setattr("data.corpus.PIECE_CHARS", 50)
+    monkeypatch.setattr("data.corpus.PIECE_BYTES", 50)
     monkeypatch.setattr("data.shards.ENCODE_CHARS", 300)
     sources = resolve_sources([str(corpus_dir / "*.py")])
     shards = prepare_shards(sources, ByteTokenizer(), "text", 0.0, tmp_path)
@@ -302,5 +303,45 @@ def test_bad_inputs_name_the_path_or_field(mixed_corpus, tmp_path):
     one.write_text('{"text": "alone"}\n')
     with pytest.raises(DataError, match="data.paths: 1 document"):
         open_data(DataConfig(paths=[str(one)]), tmp_path)
+    # Not UTF-8: Latin-1 "\xe9" at line 3, byte 8 of the text file; line 2, byte 25 of the JSONL.
+    (tmp_path / "latin.txt").write_bytes(b"one\ntwo\n\xe9t\xe9\n")
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xe9t\xe9"}\n')
+    with gzip.open(tmp_path / "latin.jsonl.gz", "wb") as f:  # offsets in the unzipped text
+        f.write((tmp_path / "latin.jsonl").read_bytes())
+    undecodable = {
+        "latin.txt": r"latin.txt:3: not UTF-8 text \(byte 8: invalid continuation byte\)$",
+        "latin.jsonl": r"latin.jsonl:2: not UTF-8 text \(byte 25: invalid continuation byte\)$",
+        "latin.jsonl.gz": r"latin.jsonl.gz:2: not UTF-8 text \(byte 25: ",
+    }
+    for name, message in undecodable.items():
+        with pytest.raises(DataError, match=message):
+            open_data(DataConfig(paths=[str(tmp_path / name)]), tmp_path)
     scratch = [p for p in (tmp_path / "shards").iterdir() if p.name.startswith(".")]
     assert not scratch  # failed builds leave nothing behind
+
+
+def test_shards_hold_every_token_id_or_refuse_the_tokenizer(mixed_corpus, tmp_path):
+    """A user's tokenizer whose ids pass uint16 (a small vocabulary, with gaps in its ids)
+    gets uint32 shards with every id intact; a vocabulary past uint32 fits no shard."""
+    folder, records = mixed_corpus
+    words = sorted({word for text in records for word in text.split()})
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1} | {w: 70_000 + i for i, w in enumerate(words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "gaps.json"))
+    config = DataConfig(
+        paths=[str(folder / "b.jsonl")], tokenizer=str(tmp_path / "gaps.json"), val_fraction=0.2
+    )
+    data = open_data(config, tmp_path)
+    assert data.vocab_size == 70_000 + len(words)  # one past the largest id, not 2 + len(words)
+    assert read_manifest(data.folder)["dtype"] == "uint32"
+    expected = [
+        id
+        for text in records[:60]
+        if not in_val(hashlib.blake2b(text.encode(), digest_size=8).digest(), 0.2)
+        for id in [*(vocab[word] for word in text.split()), 0]
+    ]
+    assert np.concatenate(read_split(data.folder, "train")).tolist() == expected
+    assert token_dtype(2**16) is np.uint16 and token_dtype(2**16 + 1) is np.uint32
+    with pytest.raises(DataError, match="^data.tokenizer: a vocabulary of 4294967297 tokens"):
+        token_dtype(2**32 + 1)
