@@ -62,5 +62,12 @@ bench: $(VENV)/.installed
 	  $(BIN)/python bench/search.py --out $(BENCH_OUT)/search.json; \
 	else echo "no GPU here: the GPU benchmarks are skipped"; fi
 
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "hybridscale needs Python >= 3.11; set PYTHON=python3.11"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache *.egg-info
