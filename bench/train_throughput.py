@@ -99,23 +99,18 @@ def measure_robustly(name, build, batch: int, seq_len: int, steps: int, compile:
     """Halve the batch until it fits; measure eager (and say so) if compiling fails."""
     while batch >= 1:
         try:
-            try:
-                return {**measure(build(), batch, seq_len, steps, compile), "compiled": compile}
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as err:  # a compiler failure
-                if not compile:
-                    raise
-                message = str(err).strip().splitlines()
-                print(f"# {name}: compile failed: {message[-1] if message else err!r}")
-                torch._dynamo.reset()
-                compile = False
-                return {**measure(build(), batch, seq_len, steps, False), "compiled": False}
+            return {**measure(build(), batch, seq_len, steps, compile), "compiled": compile}
         except torch.cuda.OutOfMemoryError:
             print(f"# {name}: out of memory at batch {batch}")
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
             batch //= 2
+        except Exception as err:  # a compiler failure: retry eager at the same batch
+            if not compile:
+                raise
+            message = str(err).strip().splitlines()
+            print(f"# {name}: compile failed: {message[-1] if message else err!r}")
+            compile = False
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
     return {"error": "out of memory at batch 1"}
 
 

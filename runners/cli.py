@@ -179,12 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--results", default="results", help="results folder (default results/)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in results/)")
 
+    def ray_workers(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS or local)")
+        p.add_argument("--retries", type=int, default=2, help="retries of a crashed trial")
+        p.add_argument("--device", help="force a torch device, e.g. cpu")
+        p.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
+
     p = commands.add_parser("study", help="run a study's unfinished trials on Ray")
     p.add_argument("spec")
-    p.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS or local)")
-    p.add_argument("--retries", type=int, default=2, help="retries of a crashed trial")
-    p.add_argument("--device", help="force a torch device, e.g. cpu")
-    p.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
+    ray_workers(p)
     storage(p)
     p.set_defaults(run=study)
 
@@ -198,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dashboard", action="store_true",
                    help="serve optuna-dashboard over the storage instead of searching")  # fmt: skip
     p.add_argument("--port", type=int, default=8080, help="the dashboard's port (default 8080)")
-    p.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS or local)")
-    p.add_argument("--retries", type=int, default=2, help="retries of a crashed trial")
-    p.add_argument("--device", help="force a torch device, e.g. cpu")
-    p.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
+    ray_workers(p)
     storage(p)
     p.set_defaults(run=search)
 
