@@ -18,15 +18,22 @@ in each sequence's cache. Two counts of its work:
   attention scores several times).
 
 Time is a roofline with launch overhead: every kernel costs
-``max(bytes / (bw_frac * peak_bw), flops / (flops_frac * peak_flops)) + launch_s``, where
-the achieved bandwidth fraction depends on what the kernel streams: weights (matrix-vector
-products), the KV cache (attention's batched products) or anything else (the elementwise
-ops, the recurrent states). ``calibrate`` fits these five constants to measured steps of the
-reference implementation; ``decode_step_seconds`` then predicts either implementation, the
-fused one with the launches ``FUSED_LAUNCHES`` assumes.
+``max(bytes / bandwidth, flops / (flops_frac * peak_flops)) + launch_s``. The bandwidth is
+``bw_frac * peak_bw``, with one fraction for matmuls, which stream a large operand (the
+weights, or attention's KV cache), and one for everything else (elementwise ops, recurrent
+states); but never more than ``blocks * block_bandwidth`` where a kernel has few thread
+blocks to spread its traffic over, each streaming its share serially: a batched matmul
+that cannot split its reduction, as the reference step's product of the scores with V,
+when grouped-query heads fold several query rows into one product
+(``_batched_matmul_blocks``).
+``calibrate`` fits these five constants to measured steps of the reference implementation;
+``decode_step_seconds`` then predicts either implementation, the fused one with the
+launches ``FUSED_LAUNCHES`` assumes and without a block limit (flash-decoding splits the
+keys over blocks).
 """
 
 import functools
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -67,19 +74,19 @@ def hardware_named(device_name: str) -> Hardware:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Achieved fractions of peak bandwidth (by what a kernel streams) and of peak FLOP/s,
-    and the cost of one kernel launch inside a CUDA graph. The defaults are typical of an
-    H100, until bench/decode.py fits them."""
+    """What a decode step's kernels achieve. The defaults are typical of an H100, until
+    bench/decode.py fits them."""
 
-    weights_bandwidth: float = 0.8
-    cache_bandwidth: float = 0.7
-    other_bandwidth: float = 0.6
-    flops_fraction: float = 0.6
-    launch_s: float = 3e-6
+    matmul_bandwidth: float = 0.7  # fraction of peak bandwidth a matmul streams its operand at
+    other_bandwidth: float = 0.6  # the same for every other kernel
+    flops_fraction: float = 0.6  # fraction of peak FLOP/s, where compute is the bound
+    launch_s: float = 3e-6  # one kernel's fixed cost in a CUDA graph: launch, ramp, tail
+    # bytes/s one thread block streams on its own: an H100's peak over its 132 SMs
+    block_bandwidth: float = 25e9
 
     def bandwidths(self) -> np.ndarray:
         """The achieved bandwidth fractions in the order of ``KINDS``."""
-        return np.array([self.weights_bandwidth, self.cache_bandwidth, self.other_bandwidth])
+        return np.array([self.matmul_bandwidth, self.other_bandwidth])
 
 
 def _head_dim(c: ModelConfig) -> int:
@@ -123,17 +130,18 @@ class Op:
     name: str
     bytes: float
     flops: float
+    blocks: float = math.inf  # thread blocks its traffic spreads over, where few
 
     @property
     def kind(self) -> str:
-        """What the op streams: in a decode step every batched product is attention over
-        the KV cache, every plain one a layer's weights."""
-        return _KINDS.get(self.name, "other")
+        """Matmuls (a layer's weights, attention's KV cache) or anything else."""
+        return "matmul" if self.name in _MATMULS else "other"
 
 
-KINDS = ("weights", "cache", "other")  # what a kernel streams from memory
-_KINDS = {"mm": "weights", "addmm": "weights", "bmm": "cache", "baddbmm": "cache"}
-_MATMULS = set(_KINDS)
+KINDS = ("matmul", "other")  # what a kernel streams from memory
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
+_BATCHED = {"bmm", "baddbmm"}
+TILE = 128  # output rows and columns one thread block of a batched matmul computes
 _GATHERS = {"embedding", "index_select"}  # read only the rows they return
 _FREE = {"detach", "lift_fresh", "empty", "_unsafe_view"}  # no kernel
 
@@ -196,8 +204,26 @@ class _OpRecorder(TorchDispatchMode):
             else:
                 moved += sum(self._touch(t, write=True) for t in _tensors(out))
         flops = 2.0 * args[-2].numel() * args[-1].shape[-1] if name in _MATMULS else 0.0
-        self.ops.append(Op(name, moved, flops))
+        blocks = _batched_matmul_blocks(args[-2], args[-1]) if name in _BATCHED else math.inf
+        self.ops.append(Op(name, moved, flops, blocks))
         return out
+
+
+def _batched_matmul_blocks(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Thread blocks of the batched product a @ b, (batch, m, k) @ (batch, k, n): one per
+    output tile, the reduction over k not split (the batched GEMMs cuBLAS picks for these
+    shapes do not split it, by the measured steps of the hybrid), so each block streams
+    its slice of both operands alone. A matrix-vector product (m or n is 1: one query
+    against its own head's cache) is split along k instead: no limit.
+
+    In the reference step's attention this bites where grouped-query heads fold several
+    query rows into one product with the cache: the scores times V then have one output
+    tile per (sequence, KV head), a few blocks each reading a whole head of V.
+    """
+    m, n = a.shape[-2], b.shape[-1]
+    if min(m, n) == 1:
+        return math.inf
+    return a.shape[0] * math.ceil(m / TILE) * math.ceil(n / TILE)
 
 
 def _decode_step(model, token: torch.Tensor, caches: list[dict]) -> None:
@@ -228,18 +254,19 @@ def trace_decode_step(c: ModelConfig, batch: int, context: int) -> tuple[Op, ...
     return _trace(c.model_dump_json(), batch, context)
 
 
-def _roofline(kinds, bytes_, flops, launches, cal: Calibration, hw: Hardware) -> float:
-    """Sum over kernels (kinds: indices into ``KINDS``) of max(memory time, compute time),
-    plus the launches."""
-    bandwidth = cal.bandwidths()[kinds] * hw.bandwidth
+def _roofline(kinds, bytes_, flops, blocks, launches, cal: Calibration, hw: Hardware) -> float:
+    """Sum over kernels (kinds: indices into ``KINDS``; blocks: their thread blocks) of
+    max(memory time, compute time), plus the launches."""
+    bandwidth = np.minimum(cal.bandwidths()[kinds] * hw.bandwidth,
+                           np.asarray(blocks) * cal.block_bandwidth)  # fmt: skip
     compute = np.maximum(np.asarray(bytes_) / bandwidth,
                          np.asarray(flops) / (cal.flops_fraction * hw.flops))  # fmt: skip
     return float(np.sum(compute) + launches * cal.launch_s)
 
 
-def _columns(ops: tuple[Op, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _columns(ops: tuple[Op, ...]) -> tuple[np.ndarray, ...]:
     kinds = np.array([KINDS.index(o.kind) for o in ops], dtype=int)
-    return kinds, np.array([o.bytes for o in ops]), np.array([o.flops for o in ops])
+    return kinds, *(np.array([getattr(o, f) for o in ops]) for f in ("bytes", "flops", "blocks"))
 
 
 def decode_step_seconds(
@@ -260,10 +287,10 @@ def decode_step_seconds(
     t = decode_traffic(c, batch, context)
     attention_flops = c.pattern.count(ATTENTION) * 4 * batch * c.d_model * context
     return _roofline(
-        np.arange(len(KINDS)),
+        np.array([KINDS.index("matmul")] * 2 + [KINDS.index("other")]),
         [t["weights"], t["kv_cache"], t["ssm_state"] + t["conv_state"]],
         [decode_flops(c, batch, context) - attention_flops, attention_flops, 0.0],
-        launches, calibration, hardware,
+        [math.inf] * 3, launches, calibration, hardware,
     )  # fmt: skip
 
 
@@ -289,18 +316,17 @@ def calibrate(measurements: list[dict], hardware: Hardware = H100) -> Calibratio
         config = m["config"]
         config = config if isinstance(config, ModelConfig) else ModelConfig(**config)
         ops = trace_decode_step(config, m["batch"], m["context"])
-        rows.append((*_columns(ops), len(ops), m["seconds"]))
+        rows.append((_columns(ops), len(ops), m["seconds"]))
 
     prior = np.log(list(Calibration().__dict__.values()))
 
     def residuals(log_params: np.ndarray) -> np.ndarray:
         cal = Calibration(*np.exp(log_params))
-        errors = [np.log(_roofline(k, b, f, n, cal, hardware) / s) for k, b, f, n, s in rows]
+        errors = [np.log(_roofline(*cols, n, cal, hardware) / s) for cols, n, s in rows]
         # A weak pull to the defaults keeps a constant the grid barely tests (the FLOP rate,
         # rarely the bound) physical instead of wandering to a bound.
         return np.concatenate([errors, PRIOR_WEIGHT * (log_params - prior)])
 
-    fit = least_squares(
-        residuals, prior, bounds=(np.log([0.01] * 4 + [1e-8]), np.log([1.0] * 4 + [1e-3]))
-    )
+    low, high = [0.01] * 3 + [1e-8, 1e8], [1.0] * 3 + [1e-3, 1e12]  # fractions, s, bytes/s
+    fit = least_squares(residuals, prior, bounds=(np.log(low), np.log(high)))
     return Calibration(*(float(v) for v in np.exp(fit.x)))

@@ -272,6 +272,27 @@ def predict_8b(cal: Calibration, hw: Hardware, memory_gb: float = 80.0) -> list[
     return rows
 
 
+def context_growth(results: dict, cal: Calibration, hw: Hardware) -> list[list]:
+    """The "+triton" rows, never fitted, check the attention term: their SSM step is a
+    fused kernel the model does not trace, but it costs the same at every context, so
+    the step's growth from the shortest to the longest context is attention's alone."""
+    ok = {(r["model"], r["batch"], r["context"]): r for r in results["decode"]
+          if r.get("status") == "ok"}  # fmt: skip
+    contexts = sorted({context for *_, context in ok})
+    rows = []
+    for (model, batch, context), short in ok.items():
+        long = ok.get((model, batch, contexts[-1]))
+        if not model.endswith("+triton") or context != contexts[0] or long is None:
+            continue
+        config = ModelConfig(**short["config"])
+        modelled = [decode_step_seconds(config, batch, r["kv_len"], cal, hw, "reference")
+                    for r in (short, long)]  # fmt: skip
+        measured = long["step_ms"] - short["step_ms"]
+        rows.append([short["size"], model, batch, f"{contexts[0]} -> {contexts[-1]}",
+                     f"{measured:.2f}", f"{1e3 * (modelled[1] - modelled[0]):.2f}"])  # fmt: skip
+    return rows
+
+
 def analyse(results: dict) -> dict:
     hw = hardware_named(results["device"])
     fit, held_out = _split(results)
@@ -309,6 +330,10 @@ def analyse(results: dict) -> dict:
                                          "n": len(errors)}  # fmt: skip
         print(f"\nheld-out |error|: mean {statistics.mean(errors):.1f}%, "
               f"max {max(errors):.1f}% over {len(errors)} configurations")  # fmt: skip
+    growth = context_growth(results, cal, hw)
+    if growth:
+        print("\n## Step growth with context, fused-SSM rows (attention only; not fitted)\n")
+        print(_table(["size", "model", "batch", "context", "measured ms", "model ms"], growth))
 
     print("\n## Measured decode speed-up over the Transformer (step time ratio)\n")
     step = {(r["model"], r["size"], r["batch"], r["context"]): r for r in results["decode"]}
@@ -369,8 +394,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--analyse", help="re-analyse a JSON written by --out; no measuring")
-    parser.add_argument("--measure-only", action="store_true",
-                        help="skip the cost model's fit and tables (then --analyse the JSON)")
+    parser.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="skip the cost model's fit and tables (then --analyse the JSON)",
+    )
     args = parser.parse_args()
     if args.analyse:
         results = json.loads(Path(args.analyse).read_text())

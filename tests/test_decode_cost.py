@@ -1,10 +1,14 @@
+import math
+
 import pytest
 import torch
 
 from arch.config import ModelConfig
 from arch.decode_cost import (
+    H100,
     Calibration,
     _OpRecorder,
+    _roofline,
     calibrate,
     decode_flops,
     decode_seconds_per_token,
@@ -104,12 +108,51 @@ def test_seconds_per_token_amortise_weights_over_the_batch():
     assert decode_seconds_per_token(config, 16, 4096) < decode_seconds_per_token(config, 1, 4096)
 
 
+def _attention_blocks(config: ModelConfig, batch: int, context: int) -> list[float]:
+    return [op.blocks for op in trace_decode_step(config, batch, context) if op.name == "bmm"]
+
+
+def test_grouped_query_attention_has_few_blocks_to_stream_v_with():
+    # 8 query heads of 64 on 2 KV heads: each KV head's 4 query rows are one product.
+    gqa = _sized("*", n_kv_heads=2)
+    scores, values = _attention_blocks(gqa, batch=3, context=1000)
+    assert scores == 3 * 2 * math.ceil(1000 / 128)  # (4 x 1000) per head: 8 column tiles
+    assert values == 3 * 2  # (4 x 64) per head: one tile, the 1000 keys not split
+    # one query row per head: matrix-vector products, split over the keys
+    assert _attention_blocks(_sized("*"), 3, 1000) == [math.inf, math.inf]
+
+
+def test_few_blocks_cap_the_bandwidth():
+    cal = Calibration(matmul_bandwidth=0.5, other_bandwidth=0.5, flops_fraction=0.5,
+                      launch_s=2e-6, block_bandwidth=20e9)  # fmt: skip
+    matmul = [0]  # index of "matmul" in KINDS
+    many = _roofline(matmul, [1e9], [0.0], [math.inf], 1, cal, H100)
+    assert many == pytest.approx(1e9 / (0.5 * H100.bandwidth) + 2e-6)
+    four = _roofline(matmul, [1e9], [0.0], [4], 1, cal, H100)
+    assert four == pytest.approx(1e9 / (4 * 20e9) + 2e-6)  # 4 blocks of 20 GB/s
+
+
+def test_reference_gqa_attention_costs_more_per_byte_at_small_batch():
+    # The same KV bytes cost more time when they are spread over fewer blocks: per sequence,
+    # GQA's step at batch 1 (2 blocks stream V) grows with context several times faster
+    # than at batch 16 (32 blocks); at full bandwidth the two would grow alike.
+    gqa = _sized("*-", n_kv_heads=2)
+
+    def growth(batch):
+        cost = [decode_step_seconds(gqa, batch, t, implementation="reference")
+                for t in (1024, 65536)]  # fmt: skip
+        return (cost[1] - cost[0]) / batch
+
+    assert growth(1) > 3 * growth(16) > 0
+
+
 def test_calibrate_recovers_the_constants_it_was_measured_with():
-    truth = Calibration(weights_bandwidth=0.55, cache_bandwidth=0.35, other_bandwidth=0.45,
-                        flops_fraction=0.4, launch_s=5e-6)  # fmt: skip
+    truth = Calibration(matmul_bandwidth=0.45, other_bandwidth=0.55, flops_fraction=0.4,
+                        launch_s=5e-6, block_bandwidth=12e9)  # fmt: skip
     grid = [(_sized("*-M-"), 1, 512), (_sized("*-M-"), 64, 8192), (_sized("MMMM"), 256, 128),
             (_sized("*-*-", d_ffn=8192), 1, 256), (_sized("M"), 1, 64),
             (_sized("*-"), 8, 65536), (_sized("MM-"), 32, 64),
+            (_sized("*-M", n_kv_heads=2), 2, 65536),  # few blocks stream V
             (ModelConfig(pattern="--", d_model=2048, d_ffn=32768), 1, 1)]  # fmt: skip
     measurements = [
         {"config": c.model_dump(), "batch": b, "context": t,
@@ -117,7 +160,7 @@ def test_calibrate_recovers_the_constants_it_was_measured_with():
         for c, b, t in grid
     ]  # fmt: skip
     fitted = calibrate(measurements)
-    for name in ("weights_bandwidth", "cache_bandwidth", "other_bandwidth", "launch_s"):
+    for name in ("matmul_bandwidth", "other_bandwidth", "launch_s", "block_bandwidth"):
         # within 1%: calibrate's weak pull to the defaults biases it that little
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-2), name
     with pytest.raises(ValueError, match="at least one"):
