@@ -25,18 +25,22 @@ class RMSNorm(nn.Module):
         return normed.to(x.dtype) * self.weight
 
 
-def rotary_tables(positions: Tensor, dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+def rotary_frequencies(dim: int, base: float = 10000.0) -> Tensor:
+    """The dim // 2 angular frequencies of RoPE over ``dim`` rotated channels."""
+    return 1.0 / base ** (torch.arange(0, dim, 2).float() / dim)
+
+
+def rotary_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     """cos and sin of shape (seqlen, dim // 2) for the rotated part of each head."""
-    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=positions.device).float() / dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[:, None] * inv_freq.float()[None, :]
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first 2 * cos.shape[-1] channels of x (batch, heads, seqlen, head_dim)."""
-    rot = 2 * cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
+    """Rotate the first 2 * cos.shape[-1] channels of x (..., head_dim); cos and sin
+    broadcast against x's leading dimensions."""
+    half = cos.shape[-1]
+    x1, x2, x_pass = x.split([half, half, x.shape[-1] - 2 * half], dim=-1)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)
 
@@ -56,28 +60,30 @@ class Attention(nn.Module):
         self.head_dim = d_model // n_heads
         # rotate an even number of channels per head; 0 means no position embedding at all
         self.rotary_dim = int(self.head_dim * rotary_fraction) // 2 * 2
-        kv_dim = self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(d_model, d_model, bias=False)
-        self.kv_proj = nn.Linear(d_model, 2 * kv_dim, bias=False)
+        # A buffer, so a compiled step reads the frequencies rather than recomputing them for
+        # every element (non-persistent: not a weight, not in checkpoints; like any buffer,
+        # model.to(bfloat16) rounds it, the same for prefill and decode).
+        self.register_buffer("inv_freq", rotary_frequencies(self.rotary_dim), persistent=False)
+        # q, k and v from one matmul (one weight read, one launch), split per head after
+        self.qkv_proj = nn.Linear(d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
+                                  bias=False)  # fmt: skip
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
         batch, seqlen, _ = x.shape
-        q = self.q_proj(x).view(batch, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
-        k, v = (
-            self.kv_proj(x)
-            .view(batch, seqlen, 2, self.n_kv_heads, self.head_dim)
-            .permute(2, 0, 3, 1, 4)
-        )
+        heads = self.qkv_proj(x).view(batch, seqlen, -1, self.head_dim)
+        q, k, v = heads.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         static = cache is not None and "pos" in cache
         if static:  # the position is a tensor, so a captured step replays at the next one
             start = cache["pos"] if seqlen == 1 else 0
         else:
             start = cache["k"].shape[2] if cache else 0
         positions = torch.arange(seqlen, device=x.device) + start
-        if self.rotary_dim:
-            cos, sin = rotary_tables(positions, self.rotary_dim)
+        if self.rotary_dim:  # rotated in the (batch, seqlen, heads) layout of the projection
+            cos, sin = rotary_tables(positions, self.inv_freq)
+            cos, sin = cos[:, None], sin[:, None]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if static:
             cache["k"].index_copy_(2, positions, k.to(cache["k"].dtype))  # (autocast)
             cache["v"].index_copy_(2, positions, v.to(cache["v"].dtype))

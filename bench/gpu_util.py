@@ -1,7 +1,25 @@
-"""GPU utilisation sampled from nvidia-smi while a benchmark runs."""
+"""GPU utilisation sampled from nvidia-smi while a benchmark runs, and the time of each
+kernel a function launches."""
 
 import subprocess
 import threading
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def kernel_times(fn, repeats: int = 2) -> dict[str, float]:
+    """Milliseconds of GPU time per call of ``fn``, by kernel name (fn already warmed up)."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    times = defaultdict(float)
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
+            times[event.key] += event.device_time_total / 1000 / repeats
+    return dict(times)
 
 
 class GpuSampler:

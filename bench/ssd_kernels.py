@@ -1,18 +1,20 @@
 """Mamba-2's SSD scan on the GPU: our Triton kernels against mamba_ssm's, side by side.
 
 For each sequence length, forward and forward+backward time (median ms, triton's
-do_bench) of: our Triton kernels (arch/kernels), our PyTorch reference arch.ssd (eager and
-torch.compile'd), and mamba_ssm's Triton ``mamba_chunk_scan_combined``, the baseline; each
+do_bench) of: our Triton kernels (arch/kernels), our PyTorch reference arch.ssd (eager),
+and mamba_ssm's Triton ``mamba_chunk_scan_combined``, the baseline; each
 with its ratio to the baseline (below 1: faster) and its largest deviation from it. Then
 one decode step (ours, mamba_ssm's ``selective_state_update``, the reference). Prints a
 markdown table; --out writes the rows as JSON.
 
-    python bench/ssd_kernels.py [--batch 8] [--seqlens 2048 8192] [--out FILE]
+    python bench/ssd_kernels.py [--batch 8] [--seqlens 2048 4096 8192] [--groups 1 8]
+                                [--profile] [--no-extras] [--out FILE]
 
 mamba_ssm's Triton files (state-spaces/mamba, mamba_ssm/ops/triton + the two small utils
 they import, and einops) live in the git-ignored .vendor/, put there by hand; they need no
-CUDA extension. Shapes default to d_model 2048, expand 2, headdim 64 (32 heads), d_state
-128, one group, chunk 256, bf16 activations with fp32 A, D, dt_bias (as under autocast).
+CUDA extension. Shapes default to d_model 4096, expand 2, headdim 64 (64 heads), d_state
+128, one and eight groups, chunk 256, bf16 activations with fp32 A, D, dt_bias (as under
+autocast). Achieved TFLOP/s and GB/s count the work of scan_work.
 """
 
 import argparse
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpu_util import kernel_times  # bench/, beside this script
 from triton.testing import do_bench, do_bench_cudagraph
 
 from arch.kernels.conv import causal_conv1d_silu
@@ -116,6 +119,17 @@ def compare(op: str, seqlen: int, impls: dict, inputs: dict) -> list[dict]:
     return rows
 
 
+def scan_work(batch, seqlen, heads, headdim, groups, dstate, chunk) -> tuple[float, float]:
+    """(FLOPs, bytes) of one forward scan. FLOPs: per chunk and group C.B (2 Q^2 N), per
+    chunk and head the in-chunk outputs (2 Q^2 P), its own state and the entering state's
+    outputs (2 Q P N each): per token 2QNg + h(2QP + 4PN). Bytes: every input and output
+    read or written once (bf16; A, D, dt_bias negligible)."""
+    q, n, p = chunk, dstate, headdim
+    flops = batch * seqlen * (2 * q * n * groups + heads * (2 * q * p + 4 * p * n))
+    elements = batch * seqlen * (3 * heads * p + heads + 2 * groups * n)  # x, z, y, dt, B, C
+    return flops, 2 * elements
+
+
 def bench_scan(args) -> list[dict]:
     def scan(fn):
         return partial(fn, chunk_size=args.chunk, dt_softplus=True)
@@ -124,14 +138,43 @@ def bench_scan(args) -> list[dict]:
         BASELINE: scan(mamba_scan),
         "ours triton": scan(ssd_chunked_triton),
         "ref torch eager": scan(ssd_chunked),
-        "ref torch.compile": scan(torch.compile(ssd_chunked)),
     }
     rows = []
-    for seqlen in args.seqlens:
-        torch.manual_seed(0)
-        inputs = scan_inputs(args.batch, seqlen, args.heads, args.headdim, args.groups, args.dstate)
-        rows += compare("ssd scan", seqlen, impls, inputs)
+    for groups in args.groups:
+        for seqlen in args.seqlens:
+            torch.manual_seed(0)
+            shape = (args.batch, seqlen, args.heads, args.headdim, groups, args.dstate)
+            inputs = scan_inputs(*shape)
+            flops, nbytes = scan_work(*shape, args.chunk)
+            op = f"ssd scan, {groups} group(s)"
+            for row in compare(op, seqlen, impls, inputs):
+                if "fwd_ms" in row:  # backward: ~2x the forward's FLOPs, ~2x its bytes
+                    row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+                    row["fwd_bwd_tflops"] = 3 * flops / row["fwd_bwd_ms"] / 1e9
+                    row["fwd_gbs"] = nbytes / row["fwd_ms"] / 1e6
+                    row["fwd_bwd_gbs"] = 3 * nbytes / row["fwd_bwd_ms"] / 1e6
+                rows.append(row)
+            ours, ref = rows[-2], rows[-1]
+            if "fwd_ms" in ours and "fwd_ms" in ref:
+                ours["ref_over_ours"] = ref["fwd_ms"] / ours["fwd_ms"]
+                ours["ref_over_ours_bwd"] = ref["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+            if args.profile:
+                profile_ours(impls["ours triton"], inputs, f"{op}, seqlen {seqlen}")
     return rows
+
+
+def profile_ours(fn, inputs: dict, title: str) -> None:
+    """Our kernels' share of one forward + backward."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+
+    def fwd_bwd():
+        fn(**leaves).backward(torch.ones_like(leaves["x"]))
+
+    fwd_bwd()
+    times = kernel_times(fwd_bwd, repeats=5)
+    print(f"# {title}: our forward + backward, {sum(times.values()):.3f} ms of kernels")
+    for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:14]:
+        print(f"#   {ms:7.3f} ms  {name[:90]}")
 
 
 def conv_reference(x, weight, bias):
@@ -152,8 +195,8 @@ def bench_conv_norm(args) -> list[dict]:
     """Mamba2's conv + SiLU (on a slice of in_proj's output) and gated RMSNorm. mamba_ssm's
     conv is a CUDA extension (causal_conv1d), so there the baseline is PyTorch eager."""
     d_inner = args.heads * args.headdim
-    channels = d_inner + 2 * args.groups * args.dstate
-    gs = d_inner // args.groups
+    channels = d_inner + 2 * args.groups[0] * args.dstate
+    gs = d_inner // args.groups[0]
     convs = {
         "ref torch eager": conv_reference,
         "ours triton": causal_conv1d_silu,
@@ -187,7 +230,7 @@ def step_impls(batch: int, args) -> dict:
     """Decode-step closures over one state argument, on the same inputs."""
     h, p, n = args.heads, args.headdim, args.dstate
     t = {k: v[:, 0] if v.dim() > 2 else v
-         for k, v in scan_inputs(batch, 1, h, p, args.groups, n).items()}  # fmt: skip
+         for k, v in scan_inputs(batch, 1, h, p, args.groups[0], n).items()}  # fmt: skip
     # mamba_ssm's Mamba2 ties the per-channel arguments to heads with stride-0 views.
     tied = {
         "dt": t["dt"][..., None].expand(batch, h, p),
@@ -229,7 +272,8 @@ def table(rows: list[dict]) -> str:
         return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
     cols = ["op", "seqlen", "impl", "fwd_ms", "fwd_vs_baseline", "fwd_bwd_ms",
-            "fwd_bwd_vs_baseline", "max_rel_dev", "error"]  # fmt: skip
+            "fwd_bwd_vs_baseline", "fwd_tflops", "fwd_bwd_tflops", "fwd_gbs", "fwd_bwd_gbs",
+            "ref_over_ours", "ref_over_ours_bwd", "max_rel_dev", "error"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -238,18 +282,23 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--heads", type=int, default=64)
     parser.add_argument("--headdim", type=int, default=64)
-    parser.add_argument("--groups", type=int, default=1)
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dstate", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--profile", action="store_true", help="our kernels' times per shape")
+    parser.add_argument("--no-extras", action="store_true", help="the scan only")
     parser.add_argument("--out")
     args = parser.parse_args()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; batch {args.batch}, "
-          f"{args.heads} heads x {args.headdim}, d_state {args.dstate}, {args.groups} group(s), "
-          f"chunk {args.chunk}, bf16 (seqlen column: batch for decode)", flush=True)  # fmt: skip
-    rows = bench_scan(args) + bench_step(args) + bench_conv_norm(args)
+          f"{args.heads} heads x {args.headdim}, d_state {args.dstate}, groups {args.groups} "
+          f"(decode, conv, norm: the first), chunk {args.chunk}, bf16 (seqlen column: batch "
+          f"for decode)", flush=True)  # fmt: skip
+    rows = bench_scan(args)
+    if not args.no_extras:
+        rows += bench_step(args) + bench_conv_norm(args)
     print(table(rows))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

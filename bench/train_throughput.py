@@ -22,25 +22,28 @@ from arch.config import ModelConfig
 from arch.model import HybridLM
 from runners.train import peak_flops
 
-SHAPES = {"125m": (768, 12, 24), "350m": (1024, 16, 48)}  # d_model, heads, hybrid layers
+SHAPES = {"125m": (768, 12, 24), "350m": (1024, 16, 48)}  # d_model, heads, Transformer layers
+
+
+def matched(make, target: int) -> ModelConfig:
+    """make(n_layers) for the layer count whose parameter count is nearest ``target``: the
+    models are compared at equal parameters."""
+    candidates = [make(n) for n in range(2, 80)]
+    return min(candidates, key=lambda c: abs(param_counts(c)["total"] - target))
 
 
 def configs(size: str) -> dict[str, ModelConfig]:
     d, heads, n = SHAPES[size]
     common = dict(d_model=d, n_heads=heads, vocab_size=50304, d_state=128, ssm_headdim=64)
+    transformer = ModelConfig(
+        pattern="*-" * (n // 2), mlp_activation="squared_relu", rotary_fraction=0.5, **common
+    )  # fmt: skip
+    target = param_counts(transformer)["total"]
+    hybrid = dict(attention_ratio=0.08, mlp_ratio=0.5, n_kv_heads=4, mlp_activation="gelu")
     return {
-        "transformer": ModelConfig(
-            pattern="*-" * (n // 2), mlp_activation="squared_relu", rotary_fraction=0.5, **common
-        ),  # fmt: skip
-        "mamba2": ModelConfig(pattern="M" * n, **common),
-        "hybrid": ModelConfig(
-            n_layers=n,
-            attention_ratio=0.08,
-            mlp_ratio=0.5,
-            n_kv_heads=4,
-            mlp_activation="gelu",
-            **common,
-        ),  # fmt: skip
+        "transformer": transformer,
+        "mamba2": matched(lambda k: ModelConfig(pattern="M" * k, **common), target),
+        "hybrid": matched(lambda k: ModelConfig(n_layers=k, **hybrid, **common), target),
     }
 
 
@@ -49,7 +52,8 @@ def baseline(size: str) -> GPT:
     return GPT(vocab=50304, d=d, n_layer=n // 2, heads=heads)
 
 
-def measure(model: torch.nn.Module, batch: int, seq_len: int, steps: int, compile: bool) -> dict:
+def train_step(model: torch.nn.Module, batch: int, seq_len: int, compile: bool):
+    """One training step of ``model`` (on the GPU) on random tokens, as a closure."""
     torch.manual_seed(0)
     model = model.cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -70,6 +74,11 @@ def measure(model: torch.nn.Module, batch: int, seq_len: int, steps: int, compil
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def measure(model: torch.nn.Module, batch: int, seq_len: int, steps: int, compile: bool) -> dict:
+    step = train_step(model, batch, seq_len, compile)
     for _ in range(3):  # compile and warm up
         step()
     torch.cuda.synchronize()
@@ -121,6 +130,7 @@ def model_params(model: torch.nn.Module) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", nargs="+", default=["125m"])
+    parser.add_argument("--models", nargs="+", help="a subset of nanogpt transformer mamba2 hybrid")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=20)
@@ -135,6 +145,8 @@ def main() -> None:
         models = {"nanogpt": lambda s=size: baseline(s)}
         models |= {name: lambda c=c: HybridLM(c) for name, c in configs(size).items()}
         for name, build in models.items():
+            if args.models and name not in args.models:
+                continue
             r = measure_robustly(name, build, args.batch, args.seq_len, args.steps, compile)
             rates[name] = r.get("tokens_per_s")
             r = {"size": size, "model": name, **r}

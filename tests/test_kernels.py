@@ -15,6 +15,7 @@ mamba_ssm's kernels run alongside, when .vendor/ has them), and the whole Mamba2
 under bf16 autocast against its PyTorch path.
 """
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -334,16 +335,27 @@ def test_conv_and_gated_norm_bf16_on_gpu():
 
 @cuda
 def test_mamba2_triton_path_under_autocast_on_gpu():
+    """Both paths under bf16 autocast against the layer in float64: the kernels' errors at
+    most 1.5x the PyTorch path's (against each other they differ by both errors: dt_bias's
+    gradient, a sum over every token, was 5.4% off in PyTorch and 1.3% in the kernels)."""
     torch.manual_seed(0)
     layer = Mamba2(256, d_state=128, headdim=64, chunk_size=256, ssd_impl="torch").cuda()
-    u = torch.randn(2, 1000, 256, device="cuda", requires_grad=True)
+    u = torch.randn(2, 1000, 256, device="cuda")
+    weights = torch.linspace(-1, 1, 256, device="cuda")
+
+    def outputs(layer, u, autocast):
+        u = u.detach().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(u)
+        grads = torch.autograd.grad((y * weights.to(y.dtype)).sum(), [u, *layer.parameters()])
+        names = ["y", "u", *(name for name, _ in layer.named_parameters())]
+        return dict(zip(names, (y, *grads), strict=True))
+
+    exact = copy.deepcopy(layer).double()
+    ref = outputs(exact, u.double(), autocast=False)
     results = {}
     for impl in ("torch", "triton"):
         layer.ssd_impl = impl
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = layer(u)
-        grads = torch.autograd.grad((y.float() * torch.linspace(-1, 1, 256, device="cuda")).sum(),
-                                    [u, *layer.parameters()])  # fmt: skip
-        names = ["y", "u", *(name for name, _ in layer.named_parameters())]
-        results[impl] = dict(zip(names, (y, *grads), strict=True))
-    assert_matches(results["triton"], results["torch"], tol=5e-2)
+        results[impl] = outputs(layer, u, autocast=True)
+    tol = {k: max(1.5 * err, 4e-3) for k, err in errors(results["torch"], ref).items()}
+    assert_matches(results["triton"], ref, tol)

@@ -9,27 +9,24 @@ groups=channels)[..., :L]).transpose(1, 2)``, as in ``arch.mamba2.Mamba2``, whic
 the tensor through memory several times.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # small blocks: tiny tests span several
-    _CONFIGS = [triton.Config({"BT": 16, "BD": 16}, num_warps=1)]
-    _BWD_CONFIGS = [triton.Config({"BT": 16, "BD": 16, "STEPS": 2}, num_warps=1)]
-else:
-    _CONFIGS = [
-        triton.Config({"BT": bt, "BD": bd}, num_warps=w)
-        for bt, bd in ((32, 128), (64, 128), (32, 256), (16, 256))
-        for w in (4, 8)
-    ]
-    _BWD_CONFIGS = [  # these compile for sm_90 without register spills
-        triton.Config({"BT": bt, "BD": bd, "STEPS": steps}, num_warps=w)
-        for bt, bd, w in ((32, 128, 8), (16, 128, 4), (32, 64, 4), (64, 64, 8), (16, 256, 8))
-        for steps in (4, 16)
-    ]
+from arch.kernels.tuning import choices
+
+_CONFIGS = choices(
+    [triton.Config({"BT": bt, "BD": bd}, num_warps=w)
+     for bt, bd in ((32, 128), (64, 128), (32, 256), (16, 256)) for w in (4, 8)],
+    small=triton.Config({"BT": 16, "BD": 16}, num_warps=1),
+)  # fmt: skip
+_BWD_CONFIGS = choices(
+    [triton.Config({"BT": bt, "BD": bd, "STEPS": steps}, num_warps=w)
+     for bt, bd, w in ((32, 128, 8), (16, 128, 4), (32, 64, 4), (64, 64, 8))
+     for steps in (4, 16)],
+    small=triton.Config({"BT": 16, "BD": 16, "STEPS": 2}, num_warps=1),
+)  # fmt: skip
 
 
 @triton.jit
@@ -63,15 +60,30 @@ def _conv_fwd(x_ptr, w_ptr, bias_ptr, y_ptr, L, Dm, s_x_b, s_x_t,
     tl.store(y_ptr + out, pre * tl.sigmoid(pre), mask=(t < L)[:, None] & (d < Dm)[None, :])
 
 
+@triton.autotune(_CONFIGS, key=["Dm", "K"], cache_results=True)
+@triton.jit
+def _conv_dpre(x_ptr, w_ptr, bias_ptr, dy_ptr, dpre_ptr, L, Dm, s_x_b, s_x_t,
+               K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):  # fmt: skip
+    """The pre-activation gradient dy * silu'(pre), pre recomputed: fp32 (b, L, Dm)."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BT + tl.arange(0, BT)
+    d = tl.program_id(2) * BD + tl.arange(0, BD)
+    pre = _conv_pre(x_ptr, w_ptr, bias_ptr, b, t, d, L, Dm, s_x_b, s_x_t, K)
+    ok = (t < L)[:, None] & (d < Dm)[None, :]
+    out = (b * L + t[:, None]) * Dm + d[None, :]
+    dy = tl.load(dy_ptr + out, mask=ok, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(pre)
+    tl.store(dpre_ptr + out, dy * sig * (1.0 + pre * (1.0 - sig)), mask=ok)
+
+
 @triton.autotune(_BWD_CONFIGS, key=["Dm", "K"], reset_to_zero=["dw_ptr", "dbias_ptr"],
                  cache_results=True)  # fmt: skip
 @triton.jit
-def _conv_bwd(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, dbias_ptr, L, Dm, s_x_b, s_x_t,
+def _conv_bwd(x_ptr, w_ptr, dpre_ptr, dx_ptr, dw_ptr, dbias_ptr, L, Dm, s_x_b, s_x_t,
               K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
               STEPS: tl.constexpr):  # fmt: skip
-    """Over STEPS blocks of BT times: dx at times t gathers the pre-activation gradients of
-    t .. t + K - 1, recomputed here; the weight and bias gradients are summed over the
-    blocks, then added across programs."""
+    """Over STEPS blocks of BT times: dx at times t gathers dpre at t .. t + K - 1; the
+    weight and bias gradients are summed over the blocks, then added across programs."""
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(2) * BD + tl.arange(0, BD)
     dm = d < Dm
@@ -79,24 +91,19 @@ def _conv_bwd(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, dbias_ptr, L, Dm, 
     dw = tl.zeros((KP, BD), dtype=tl.float32)
     dbias = tl.zeros((BD,), dtype=tl.float32)
     for step in range(STEPS):
-        t0 = (tl.program_id(1) * STEPS + step) * BT
+        t = (tl.program_id(1) * STEPS + step) * BT + tl.arange(0, BT)
         dx = tl.zeros((BT, BD), dtype=tl.float32)
-        for j in range(K):  # the pre-activation gradient at times t + j
-            t = t0 + j + tl.arange(0, BT)
-            pre = _conv_pre(x_ptr, w_ptr, bias_ptr, b, t, d, L, Dm, s_x_b, s_x_t, K)
-            ok = (t < L)[:, None] & dm[None, :]
-            dy = tl.load(dy_ptr + (b * L + t[:, None]) * Dm + d[None, :], mask=ok, other=0.0)
-            sig = tl.sigmoid(pre)
-            dpre = tl.where(ok, dy.to(tl.float32) * sig * (1.0 + pre * (1.0 - sig)), 0.0)
+        for j in tl.static_range(K):  # dpre at times t + j, zero past the end
+            ok = (t + j < L)[:, None] & dm[None, :]
+            dpre = tl.load(dpre_ptr + (b * L + t[:, None] + j) * Dm + d[None, :], mask=ok,
+                           other=0.0)  # fmt: skip
             w = tl.load(w_ptr + d * K + (K - 1 - j), mask=dm, other=0.0).to(tl.float32)
             dx += dpre * w[None, :]
             if j == 0:  # each time's dpre once: the weight and bias gradients
                 dbias += tl.sum(dpre, axis=0)
-                for k in range(K):
+                for k in tl.static_range(K):
                     x = _load_x(x_ptr, b, t - (K - 1) + k, d, L, Dm, s_x_b, s_x_t)
-                    dwk = tl.sum(dpre * x, axis=0)
-                    dw += tl.where(kk[:, None] == k, dwk[None, :], 0.0)
-        t = t0 + tl.arange(0, BT)
+                    dw += tl.where(kk[:, None] == k, tl.sum(dpre * x, axis=0)[None, :], 0.0)
         tl.store(dx_ptr + (b * L + t[:, None]) * Dm + d[None, :], dx,
                  mask=(t < L)[:, None] & dm[None, :])  # fmt: skip
     tl.atomic_add(dbias_ptr + d, dbias, mask=dm, sem="relaxed")
@@ -134,10 +141,15 @@ class CausalConv1dSiLU(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         b, L, Dm = x.shape
         dy = dy.contiguous()
+        # Two passes: dpre once per element (recomputing the conv), then dx and the weight
+        # gradients from it (a single pass recomputed dpre at each of the K shifts).
+        dpre = torch.empty(b, L, Dm, device=x.device, dtype=torch.float32)
+        _conv_dpre[_grid(b, L, Dm)](x, weight, bias, dy, dpre, L, Dm, x.stride(0), x.stride(1),
+                                    K=weight.shape[1])  # fmt: skip
         dx = torch.empty(b, L, Dm, device=x.device, dtype=x.dtype)
         dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
         dbias = torch.zeros(Dm, device=x.device, dtype=torch.float32)
-        _conv_bwd[_grid(b, L, Dm)](x, weight, bias, dy, dx, dw, dbias, L, Dm,
+        _conv_bwd[_grid(b, L, Dm)](x, weight, dpre, dx, dw, dbias, L, Dm,
                                    x.stride(0), x.stride(1), K=weight.shape[1],
                                    KP=triton.next_power_of_2(weight.shape[1]))  # fmt: skip
         return dx, dw.to(weight.dtype), dbias.to(bias.dtype)

@@ -5,15 +5,15 @@ of ``group_size`` channels: ``arch.mamba2.RMSNormGated`` (mamba_ssm's with
 norm_before_gate=False) in one pass over x and z forward and one back, in fp32.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-_WARPS = [1] if os.environ.get("TRITON_INTERPRET") == "1" else [4, 8, 16]
-_CONFIGS = [triton.Config({}, num_warps=w) for w in _WARPS]
+from arch.kernels.tuning import choices
+
+_CONFIGS = choices([triton.Config({}, num_warps=w) for w in (4, 8, 16)],
+                   small=triton.Config({}, num_warps=1))  # fmt: skip
 
 
 @triton.jit

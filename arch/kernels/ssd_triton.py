@@ -30,15 +30,14 @@ int64, so tensors may pass 2**31 elements. Gradients of B, C, D and of the decay
 summed with fp32 atomics: bitwise reproducible only up to the order of those sums.
 """
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from arch.kernels.tuning import INTERPRET, choices
+
 # Triton 3.9's interpreter gets bf16 wrong: tl.dot of bf16 operands (results near 1e10
 # seen on N(0, 1) inputs), and fp32 -> bf16 casts truncate where the GPU rounds to
 # nearest even. There, _dot emulates the tensor cores instead (see _operand).
@@ -46,10 +45,8 @@ _EMULATE_DOT = tl.constexpr(INTERPRET)
 
 
 def _tune(configs: list[triton.Config], small: dict, key=("Q", "P", "N"), **kwargs):
-    """Autotune on the GPU over ``configs``. The interpreter runs the ``small`` blocks
-    instead, so that tiny test shapes still span several blocks."""
-    if INTERPRET:
-        configs = [triton.Config(small, num_warps=1)]
+    """Autotune on the GPU over ``configs`` (see arch.kernels.tuning)."""
+    configs = choices(configs, triton.Config(small, num_warps=1))
     # cache_results: the choice is kept on disk with the compiled kernels, so only the
     # first run on a machine pays for the search.
     return triton.autotune(configs, key=list(key), cache_results=True, **kwargs)
