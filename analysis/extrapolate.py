@@ -1,5 +1,6 @@
 """From the small runs' fits to the paper's scale: losses of each mix at its 8B
-configuration, compute-optimal sizes, crossovers between mixes, the hybrid-ratio curve.
+configuration, compute-optimal sizes, crossovers between mixes, the hybrid-ratio curve;
+and, beside the losses, the 8B configuration's decode speed from arch.decode_cost.
 
 Compute is one axis for every mix: training FLOPs from ``arch.accounting`` (the matmuls,
 attention's sequence term, the SSD scan). Turning a budget C into (N, D) needs FLOPs per
@@ -18,12 +19,14 @@ from analysis.table import Mix, mix_of
 from arch.accounting import flops_per_token, param_counts
 from arch.allocation import MAMBA1, MAMBA2
 from arch.config import ModelConfig
+from arch.decode_cost import H100, Calibration, decode_seconds_per_token
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 PAPER_MODELS = ("transformer_8b", "mamba_8b", "mamba2_8b", "hybrid_8b")
 PAPER_SEQ_LEN = 4096
 PAPER_TOKENS = (1.1e12, 3.5e12)
 LOG_N_GRID = np.linspace(np.log(1e3), np.log(1e14), 881)  # compute-optimal N is sought here
+DECODE_BATCHES = (1, 8)  # sequences decoded together, each after PAPER_SEQ_LEN tokens
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Target:
     name: str
     params: float
     flops_per_token: float
+    config: ModelConfig
 
 
 def _load(name: str) -> dict:
@@ -56,7 +60,14 @@ def paper_target(mix: Mix) -> Target:
 
 def _target(name: str, config: ModelConfig) -> Target:
     fpt = flops_per_token(config, PAPER_SEQ_LEN)["training"]
-    return Target(name, float(param_counts(config)["total"]), float(fpt))
+    return Target(name, float(param_counts(config)["total"]), float(fpt), config)
+
+
+def decode_tokens_per_s(config: ModelConfig, batch: int, context: int = PAPER_SEQ_LEN) -> float:
+    """Tokens generated per second, over all ``batch`` sequences, each after ``context``
+    tokens: the decode cost model's fused kernels on an H100 at its default (uncalibrated)
+    constants, a prediction of a serving stack, not of this repository's PyTorch step."""
+    return 1.0 / decode_seconds_per_token(config, batch, context, Calibration(), H100, "fused")
 
 
 def flops_law(params: np.ndarray, fpt: np.ndarray, target: Target) -> np.ndarray:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from analysis.extrapolate import PAPER_SEQ_LEN, PAPER_TOKENS
+from analysis.extrapolate import DECODE_BATCHES, PAPER_SEQ_LEN, PAPER_TOKENS
 from analysis.fit import interval
 from analysis.plots import FIGURES
-from analysis.study import StudyAnalysis, analyze
+from analysis.study import StudyAnalysis, analyze, decode_key
 from analysis.table import load_runs
 
 STUDY_TAG = "hybridscale.study"  # the scheduler's tag on a study's parent run
@@ -110,7 +110,10 @@ def blocks(study: StudyAnalysis, name: str, resamples: int) -> list[Block]:
             "compute-optimal split of C under L(N, D); IsoFLOP N_opt from "
             "Approach 2's power law; L(C) from the frontier fit. Splitting C into N and D "
             "uses FLOPs per token as a power law of N through the mix's trials and its 8B "
-            "configuration.",
+            "configuration. Decode tokens/s: tokens generated per second over a batch of "
+            f"sequences, each {PAPER_SEQ_LEN} tokens in, as arch/decode_cost.py models "
+            "fused decode kernels on an H100 at its default, uncalibrated constants "
+            "(bench/decode.py measures and calibrates).",
         )
     )
     keys = [f"loss@{t:.2g}" for t in PAPER_TOKENS] + [
@@ -122,17 +125,20 @@ def blocks(study: StudyAnalysis, name: str, resamples: int) -> list[Block]:
         "frontier L(C)",
     ]
     titles = [f"loss at {t / 1e12:.2g}T" for t in PAPER_TOKENS] + keys[2:]
+    speeds = [f"decode tokens/s, batch {b}" for b in DECODE_BATCHES]
     out.append(
         Block(
             "table",
-            header=("mix", "configuration", "N", "C", *titles),
+            header=("mix", "configuration", "N", "C", *titles[:2], *speeds, *titles[2:]),
             rows=tuple(
                 (
                     p["mix"],
                     p["config"],
                     _num(p["params"]),
                     _num(p["compute"]),
-                    *(_est(p.get(k)) for k in keys),
+                    *(_est(p.get(k)) for k in keys[:2]),
+                    *(_num(p[decode_key(b)]) for b in DECODE_BATCHES),
+                    *(_est(p.get(k)) for k in keys[2:]),
                 )
                 for p in study.predictions
             ),

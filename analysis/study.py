@@ -7,9 +7,11 @@ from itertools import combinations
 import numpy as np
 
 from analysis.extrapolate import (
+    DECODE_BATCHES,
     PAPER_TOKENS,
     Target,
     compute_optimal,
+    decode_tokens_per_s,
     first_crossover,
     flops_law,
     is_hybrid_axis,
@@ -85,13 +87,20 @@ def _estimate(point: float, samples: np.ndarray) -> dict:
     return {"value": float(point), "lo": lo, "hi": hi}
 
 
+def decode_key(batch: int) -> str:
+    return f"decode tokens/s@batch {batch}"
+
+
 def predictions(m: MixAnalysis) -> dict:
-    """The mix at its 8B configuration: losses at the paper's token counts, and the
-    compute-optimal split of the compute the 8B model spends on the first of them."""
+    """The mix at its 8B configuration: losses at the paper's token counts, the
+    compute-optimal split of the compute the 8B model spends on the first of them, and
+    its modelled decode speed (known from the configuration alone, fitted or not)."""
     t = m.target
     row = {"mix": m.mix.label, "config": t.name, "params": t.params}
     compute = t.flops_per_token * PAPER_TOKENS[0]
     row["compute"] = compute
+    for batch in DECODE_BATCHES:
+        row[decode_key(batch)] = decode_tokens_per_s(t.config, batch)
     if m.law is not None:
         for tokens in PAPER_TOKENS:
             row[f"loss@{tokens:.2g}"] = _estimate(

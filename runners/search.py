@@ -40,8 +40,8 @@ from runners.scheduler import (
     run_remote,
     start_ray,
 )
-from runners.search_space import Infeasible, candidate, decode_bytes
-from runners.spec import Search, SpecError, StudySpec, direction
+from runners.search_space import Infeasible, candidate, decode_costs
+from runners.spec import COST_OBJECTIVES, Search, SpecError, StudySpec, direction
 from runners.tracking import RunLog
 from runners.train import TrainOptions, TrialOutcome
 
@@ -117,11 +117,9 @@ class Reporter:
 
 
 def objective_values(search: Search, trial: TrialConfig, metrics: dict) -> list[float | None]:
-    return [
-        decode_bytes(trial.model, search.decode_context) if name == "decode_bytes"
-        else metrics.get(name)
-        for name in search.objectives
-    ]  # fmt: skip
+    """The trial's objectives: decode costs from its config, the rest from its metrics."""
+    known = {**metrics, **decode_costs(trial.model, search)}
+    return [known.get(name) for name in search.objectives]
 
 
 # ---- the search ----------------------------------------------------------------------------
@@ -239,7 +237,7 @@ def run_search(spec: StudySpec, options: StudyOptions, settings: SearchOptions) 
             "config": config.model_dump_json(), "trial_id": config.trial_id,
             "pattern": config.model.pattern, "d_model": config.model.d_model,
             "params": param_counts(config.model)["total"],
-            "decode_bytes": decode_bytes(config.model, search.decode_context),
+            **decode_costs(config.model, search),
         }  # fmt: skip
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
@@ -328,12 +326,19 @@ def trial_rows(study: optuna.Study, search: Search) -> list[dict]:
         rows.append({
             "trial": t.number, "state": t.state.name.lower(), "pattern": attrs.get("pattern"),
             "d_model": attrs.get("d_model"), "params": attrs.get("params"),
-            "decode_bytes": attrs.get("decode_bytes"),
+            **{cost: attrs.get(cost) for cost in COST_OBJECTIVES},
             **dict(zip(search.objectives, values, strict=True)),
             **{f"param.{k}": v for k, v in t.params.items()},
             "mlflow_run_id": attrs.get("mlflow_run_id", ""), "reason": attrs.get("reason", ""),
         })  # fmt: skip
     return rows
+
+
+def front_axes(search: Search) -> list[str]:
+    """The Pareto front's axes: the objectives, decode costs last; with no decode cost among
+    them, decode_bytes is added, so the front still trades quality against decode cost."""
+    costs = [o for o in search.objectives if o in COST_OBJECTIVES] or ["decode_bytes"]
+    return [o for o in search.objectives if o not in COST_OBJECTIVES] + costs
 
 
 def pareto_front(rows: list[dict], axes: list[str]) -> list[dict]:
@@ -372,7 +377,7 @@ def write_report(study: optuna.Study, search: Search, folder: Path, log: RunLog)
     the MLflow parent run."""
     rows = trial_rows(study, search)
     done = [r for r in rows if r["state"] == "complete"]
-    axes = [o for o in search.objectives if o != "decode_bytes"] + ["decode_bytes"]
+    axes = front_axes(search)
     front = pareto_front(done, axes)
     first = search.objectives[0]
     sign = 1 if direction(first) == "minimize" else -1
@@ -382,7 +387,7 @@ def write_report(study: optuna.Study, search: Search, folder: Path, log: RunLog)
     for name, table in (("trials", rows), ("best", best), ("pareto", front)):
         _write_csv(folder / f"{name}.csv", table)
     (folder / "importances.json").write_text(json.dumps(importances, indent=2))
-    _plot_front(done, front, axes, search.decode_context, folder / "pareto.png")
+    _plot_front(done, front, axes, search, folder / "pareto.png")
     for path in sorted(folder.iterdir()):
         log.artifact(path, "search")
     return SearchReport(rows, best, front, importances, folder)
@@ -397,23 +402,27 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _plot_front(
-    done: list[dict], front: list[dict], axes: list[str], context: int, path: Path
+    done: list[dict], front: list[dict], axes: list[str], search: Search, path: Path
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    quality = axes[0] if len(axes) > 1 else "decode_bytes"
+    cost, quality = axes[-1], axes[0]  # a lone cost objective is plotted against itself
+    scale, label = {
+        "decode_bytes": (1e-6, f"MB read per decoded token at context {search.decode_context:,}"),
+        "decode_ms": (1.0, f"modelled ms per generated token (H100, batch {search.decode_batch}, "
+                           f"context {search.decode_context:,})"),
+    }[cost]  # fmt: skip
     fig, ax = plt.subplots(figsize=(7, 5))
-    ax.scatter([r["decode_bytes"] / 1e6 for r in done], [r[quality] for r in done],
+    ax.scatter([r[cost] * scale for r in done], [r[quality] for r in done],
                color="0.7", label="trials")  # fmt: skip
-    ax.plot([r["decode_bytes"] / 1e6 for r in front], [r[quality] for r in front], "o-",
+    ax.plot([r[cost] * scale for r in front], [r[quality] for r in front], "o-",
             color="C3", label="Pareto front")  # fmt: skip
     for row in front:
-        ax.annotate(row["pattern"][:20], (row["decode_bytes"] / 1e6, row[quality]), fontsize=7)
-    ax.set(xlabel=f"MB read per decoded token at context {context:,}", ylabel=quality,
-           title="quality against decode cost")  # fmt: skip
+        ax.annotate(row["pattern"][:20], (row[cost] * scale, row[quality]), fontsize=7)
+    ax.set(xlabel=label, ylabel=quality, title="quality against decode cost")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

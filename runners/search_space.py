@@ -1,5 +1,5 @@
 """From an Optuna trial's suggestions to a trial config: the layer pattern, the width that
-meets the budget, and the decode-cost proxy a search may trade quality against.
+meets the budget, and the decode costs a search may trade quality against.
 
 ``candidate`` asks only through ``suggest_int``/``suggest_float``/``suggest_categorical``,
 so anything with those methods can stand in for an Optuna trial (``Corner`` does, to check
@@ -15,11 +15,13 @@ from pydantic import ValidationError
 from arch.accounting import flops_per_token, param_counts
 from arch.allocation import ATTENTION, MAMBA1, MAMBA2, MLP
 from arch.config import ModelConfig
+from arch.decode_cost import decode_seconds_per_token
 from runners.config import TrialConfig
 from runners.spec import (
     Budget,
     FloatDim,
     IntDim,
+    Search,
     SpecError,
     StudySpec,
     load_spec,
@@ -151,7 +153,7 @@ def decode_bytes(model: ModelConfig, context: int, bytes_per_value: int = 2) -> 
     """Bytes read from memory to decode one token at ``context`` tokens of history: every
     weight once, each attention layer's KV cache, each Mamba layer's recurrent and
     convolution state. At small batch, decoding is memory-bound, so this proxies its
-    latency. A stand-in for arch/decode_cost.py's analytic model: swap it in here."""
+    latency; ``decode_ms`` models the latency itself."""
     d, E = model.d_model, model.expand * model.d_model
     kv_width = (model.n_kv_heads or model.n_heads) * (d // model.n_heads)
     per_layer = {
@@ -162,6 +164,21 @@ def decode_bytes(model: ModelConfig, context: int, bytes_per_value: int = 2) -> 
     }
     state = sum(per_layer[symbol] for symbol in model.pattern)
     return bytes_per_value * (param_counts(model)["total"] + state)
+
+
+def decode_ms(model: ModelConfig, batch: int, context: int) -> float:
+    """Modelled milliseconds per generated token, ``batch`` sequences decoded together
+    after ``context`` tokens: arch/decode_cost.py's roofline of fused decode kernels on an
+    H100, with its default (uncalibrated) constants."""
+    return 1e3 * decode_seconds_per_token(model, batch, context)
+
+
+def decode_costs(model: ModelConfig, search: Search) -> dict[str, float]:
+    """Every cost objective (``COST_OBJECTIVES``) of a candidate, at the search's context."""
+    return {
+        "decode_bytes": decode_bytes(model, search.decode_context),
+        "decode_ms": decode_ms(model, search.decode_batch, search.decode_context),
+    }
 
 
 # ---- sampling ---------------------------------------------------------------------------------

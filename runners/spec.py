@@ -185,7 +185,10 @@ Floats = Annotated[FloatDim, BeforeValidator(_as_choices)]
 Placement = Literal["even", "free"]  # attention spread evenly, or each layer's depth searched
 
 # What a search can optimise, and which way. probe_* metrics are accuracies.
-OBJECTIVES = {"val_loss": "minimize", "val_bpb": "minimize", "decode_bytes": "minimize"}
+OBJECTIVES = {"val_loss": "minimize", "val_bpb": "minimize", "decode_bytes": "minimize",
+              "decode_ms": "minimize"}  # fmt: skip
+# Decode costs, known from a candidate's config before it trains (runners/search_space.py).
+COST_OBJECTIVES = ("decode_bytes", "decode_ms")
 
 
 def direction(objective: str) -> str:
@@ -263,6 +266,7 @@ class Search(StrictModel):
     startup_trials: PositiveInt = 4  # random trials before TPE; trials the pruner waits for
     seed: int = 0
     decode_context: Count = 4096  # the context at which decode cost counts the KV cache
+    decode_batch: PositiveInt = 1  # sequences decoded together, for decode_ms
     budget: Budget | None = None  # None: every candidate keeps the base model's d_model
     space: SearchSpace
 

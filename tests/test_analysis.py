@@ -14,6 +14,7 @@ from analysis.study import analyze
 from analysis.table import Mix, mix_of, trial_row
 from arch.accounting import flops_per_token, param_counts
 from arch.config import ModelConfig
+from arch.decode_cost import decode_seconds_per_token
 
 CHINCHILLA = (
     Path(__file__).resolve().parents[2] / "shared/datasets/chinchilla/svg_extracted_data.csv"
@@ -116,6 +117,11 @@ def test_too_few_points_say_what_is_missing():
     assert any("at least 3 distinct model sizes (has 2)" in note for note in mamba.notes)
     assert any("need L(N, D) fits of at least 2 layer mixes" in note for note in study.notes)
     assert "loss@1.1e+12" not in study.predictions[0]  # no meaningless number
+    # The 8B Mamba-2's decode speed needs no fit: it is there all the same.
+    mamba2_8b = ModelConfig(pattern="M" * 56, d_model=4096, d_state=128, ssm_headdim=64,
+                            ssm_ngroups=8, vocab_size=256000, tie_embeddings=False)  # fmt: skip
+    speed = study.predictions[0]["decode tokens/s@batch 8"]
+    assert speed == pytest.approx(1 / decode_seconds_per_token(mamba2_8b, 8, 4096), rel=1e-12)
 
 
 def test_mixes_and_their_8b_configurations():

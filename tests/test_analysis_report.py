@@ -2,11 +2,16 @@
 tags them: the report is written, holds its figures, and is logged to the parent run."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
+from arch.accounting import param_counts
+from arch.config import ModelConfig
+from arch.decode_cost import H100, decode_seconds_per_token
 from runners.cli import main
 from runners.tracking import default_tracking_uri, experiment_id
 
@@ -113,3 +118,60 @@ def test_crossovers_and_ratio_curve_follow_the_laws(store):
     assert pair["better_at_end"].startswith("Mamba-2-Hybrid")
     # One fitted SSM mix only (the Transformer is not on the attention-share axis).
     assert all(len(points) == 1 for points in summary["ratio_curves"].values())
+
+
+def preset(name: str, **changes) -> ModelConfig:
+    path = Path(__file__).resolve().parent.parent / "configs" / "model" / f"{name}.yaml"
+    return ModelConfig(**{**yaml.safe_load(path.read_text()), **changes})
+
+
+def markdown_table(markdown: str, first_column: str) -> list[dict]:
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)))
+    return rows
+
+
+def test_predictions_carry_decode_speed_at_8b(store):
+    """Beside each mix's predicted 8B loss, the cost model's decode tokens/s at batch 1 and
+    8 and 4K context, recomputed here from the 8B configurations."""
+    _, _, out = store
+    configs = {
+        "Transformer": preset("transformer_8b"),
+        "Mamba-2": preset("mamba2_8b"),  # MMMM: no attention, no MLP
+        # A mix the paper has no model of: the 8B hybrid's shape at the mix's ratios.
+        "Mamba-2-Hybrid (attn 0.25, mlp 0.25)": preset(
+            "hybrid_8b", attention_ratio=0.25, mlp_ratio=0.25
+        ),
+    }
+    expected = {
+        (mix, batch): 1 / decode_seconds_per_token(config, batch, 4096)
+        for mix, config in configs.items()
+        for batch in (1, 8)
+    }
+    table = {r["mix"]: r for r in markdown_table((out / "report.md").read_text(), "mix")
+             if "configuration" in r}  # fmt: skip
+    summary = {p["mix"]: p for p in json.loads((out / "summary.json").read_text())["predictions"]}
+    page = (out / "report.html").read_text()
+    assert set(table) == set(configs)
+    for (mix, batch), speed in expected.items():
+        shown = table[mix][f"decode tokens/s, batch {batch}"]
+        assert float(shown) == pytest.approx(speed, rel=5e-4)  # printed to 4 digits
+        assert f"<td>{shown}</td>" in page
+        assert summary[mix][f"decode tokens/s@batch {batch}"] == pytest.approx(speed, rel=1e-12)
+    # Beside the loss: the column right after the predicted losses.
+    assert list(table["Transformer"])[4:8] == [
+        "loss at 1.1T", "loss at 3.5T", "decode tokens/s, batch 1", "decode tokens/s, batch 8"
+    ]  # fmt: skip
+    for mix, config in configs.items():
+        # Decoding one sequence cannot beat reading every bf16 weight at the H100's bandwidth.
+        assert expected[mix, 1] < H100.bandwidth / (2 * param_counts(config)["total"])
+        assert expected[mix, 8] > expected[mix, 1]  # a batch shares the weight reads
+    # The paper's point: at batch 8, 4K context, the KV cache makes the Transformer slowest.
+    assert expected["Transformer", 8] < min(v for (m, b), v in expected.items() if b == 8
+                                            and m != "Transformer")  # fmt: skip

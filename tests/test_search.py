@@ -1,6 +1,6 @@
-"""The Optuna search: its space (patterns, width matching, decode cost) against hand counts,
-its validation, and whole searches on a real local Ray with real Optuna storage (journal
-file and sqlite) and a real sqlite MLflow store."""
+"""The Optuna search: its space (patterns, width matching, decode costs) against hand counts
+and arch/decode_cost.py, its validation, and whole searches on a real local Ray with real
+Optuna storage (journal file and sqlite) and a real sqlite MLflow store."""
 
 import contextlib
 import csv
@@ -21,6 +21,8 @@ from optuna.trial import TrialState
 
 from arch.accounting import flops_per_token, param_counts
 from arch.config import ModelConfig
+from arch.decode_cost import decode_seconds_per_token
+from runners.config import TrialConfig
 from runners.scheduler import StudyOptions
 from runners.search import SearchOptions, open_storage, open_study, run_search, write_report
 from runners.search_space import (
@@ -140,6 +142,8 @@ def test_decode_bytes_by_hand():
         ("objectives: [val_loss, decode_bytes]\npruner: median\nspace: {mamba2: 2}",
          "search: pruner: Optuna prunes single-objective searches only"),
         ("budget: {params: 10}\nspace: {mamba2: 2}", "search.budget: even the smallest"),
+        ("decode_batch: 0\nspace: {mamba2: 2}",
+         "search.decode_batch: 0: Input should be greater than 0"),
         ("space: {mamba2: 2, ssm_headdim: 48}", "search.space: even the smallest candidate"),
     ],
 )  # fmt: skip
@@ -194,6 +198,31 @@ def test_two_objectives_report_the_pareto_front(tmp_path, corpus_dir):
     ]  # fmt: skip
     assert report.best == report.front
     assert set(report.importances) == {"val_loss", "probe_mqar_acc"}
+
+
+def test_a_decode_cost_objective_replaces_decode_bytes_on_the_front(tmp_path, corpus_dir):
+    """With decode_ms among the objectives, the front is quality against decode_ms alone:
+    decode_bytes, which here would make every trial optimal, is not added as an axis."""
+    search = "objectives: [val_loss, decode_ms]\nspace: {mamba2: [1, 2]}"
+    spec = load_search(write_spec(tmp_path, corpus_dir, "ms", search))
+    study = open_study(spec, open_storage(str(tmp_path / "ms.journal")), optuna.pruners.NopPruner())
+    points = [(3.0, 0.5), (2.5, 0.6), (2.6, 0.7), (2.0, 0.9), (3.1, 0.4), (3.2, 0.45)]
+    for i, (loss, ms) in enumerate(points):
+        trial = study.ask()
+        trial.suggest_categorical("mamba2", [1, 2])
+        trial.set_user_attr("pattern", "M" * (1 + i % 2))
+        trial.set_user_attr("decode_bytes", 1000 - i)  # each trial the least by some axis
+        study.tell(trial, [loss, ms])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id(client, "ms", uri)).info.run_id
+    report = write_report(study, spec.search, tmp_path / "report", RunLog(client, run))
+    # By hand: (2.5, 0.6) beats (2.6, 0.7) and (3.1, 0.4) beats (3.2, 0.45); with decode_bytes
+    # as a third axis, nothing would be beaten.
+    assert [(r["val_loss"], r["decode_ms"]) for r in report.front] == [
+        (2.0, 0.9), (2.5, 0.6), (3.0, 0.5), (3.1, 0.4)
+    ]  # fmt: skip
+    assert (tmp_path / "report" / "pareto.png").stat().st_size > 0
 
 
 # ---- whole searches ----------------------------------------------------------------------
@@ -332,3 +361,36 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(
     # every config trained to the end exactly once in the MLflow store.
     assert len({t.user_attrs["trial_id"] for t in after}) == 4
     assert finished_runs(results, "resume") == {t.user_attrs["trial_id"]: 1 for t in after}
+
+
+def test_search_against_modelled_decode_time(tmp_path, corpus_dir, local_ray):
+    """Loss against decode_ms, the cost model's milliseconds per generated token at the
+    search's decode_batch and decode_context: each trial's value is recomputed here from
+    its recorded config, and the front is the brute-force one."""
+    search = ("trials: 3\nparallel: 2\nobjectives: [val_loss, decode_ms]\ndecode_batch: 4\n"
+              "decode_context: 2048\n" + textwrap.dedent(SPACE))  # fmt: skip
+    spec = load_search(write_spec(tmp_path, corpus_dir, "ms", search, steps=8))
+    report = run_search(spec, StudyOptions(results_dir=tmp_path / "results"), SearchOptions())
+
+    storage = open_storage(str(tmp_path / "results" / "ms" / "optuna.journal"))
+    trials = optuna.load_study(study_name="ms", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    for t in trials:
+        model = TrialConfig.model_validate_json(t.user_attrs["config"]).model
+        expected = decode_seconds_per_token(model, 4, 2048) * 1e3
+        assert expected != pytest.approx(decode_seconds_per_token(model, 1, 2048) * 1e3)
+        assert t.values[1] == pytest.approx(expected, rel=1e-12)
+        assert t.user_attrs["decode_ms"] == pytest.approx(expected, rel=1e-12)
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert t.values[0] == pytest.approx(run.data.metrics["val_loss"])
+
+    rows = [{"val_loss": t.values[0], "decode_ms": t.values[1], "trial": t.number}
+            for t in trials]  # fmt: skip
+    axes = ["val_loss", "decode_ms"]
+    front = {r["trial"] for r in rows if not any(dominated(r, o, axes) for o in rows)}
+    assert {r["trial"] for r in report.front} == front == {r["trial"] for r in report.best}
+    with open(tmp_path / "results" / "ms" / "search" / "pareto.csv") as f:
+        written = {int(r["trial"]): float(r["decode_ms"]) for r in csv.DictReader(f)}
+    assert written == {r["trial"]: pytest.approx(r["decode_ms"]) for r in rows
+                       if r["trial"] in front}  # fmt: skip
