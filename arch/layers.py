@@ -61,13 +61,19 @@ class Attention(nn.Module):
         # rotate an even number of channels per head; 0 means no position embedding at all
         self.rotary_dim = int(self.head_dim * rotary_fraction) // 2 * 2
         # A buffer, so a compiled step reads the frequencies rather than recomputing them for
-        # every element (non-persistent: not a weight, not in checkpoints; like any buffer,
-        # model.to(bfloat16) rounds it, the same for prefill and decode).
+        # every element (non-persistent: not a weight, not in checkpoints).
         self.register_buffer("inv_freq", rotary_frequencies(self.rotary_dim), persistent=False)
         # q, k and v from one matmul (one weight read, one launch), split per head after
         self.qkv_proj = nn.Linear(d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
                                   bias=False)  # fmt: skip
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # The frequencies stay fp32 under model.to(bfloat16): rounded, every rotation of a
+        # model trained in fp32 would shift, the more the later the position.
+        self.inv_freq = rotary_frequencies(self.rotary_dim).to(self.inv_freq.device)
+        return self
 
     def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
         batch, seqlen, _ = x.shape

@@ -5,7 +5,7 @@ import torch
 
 from arch.accounting import flops_per_token, param_counts
 from arch.config import ModelConfig
-from arch.layers import MLP, Attention
+from arch.layers import MLP, Attention, apply_rotary, rotary_tables
 from arch.model import HybridLM
 
 
@@ -89,6 +89,27 @@ def check_decode(layer, d_model: int, seqlen: int = 12, prefill: int = 5, atol: 
 @pytest.mark.parametrize("prefill", [1, 5])
 def test_attention_decode_matches_parallel(n_kv_heads, rotary, prefill):
     check_decode(Attention(32, 4, n_kv_heads, rotary), 32, prefill=prefill)
+
+
+def test_rotary_frequencies_are_exact_and_rotations_relative():
+    layer = Attention(32, 4, rotary_fraction=0.5)  # head_dim 8: 4 rotated channels
+    by_hand = torch.tensor([1.0, 10000 ** (-2 / 4)])  # base^(-2i / rotated channels)
+    torch.testing.assert_close(layer.inv_freq, by_hand)
+    layer.to(torch.bfloat16)  # bf16 weights, fp32 frequencies
+    assert layer.qkv_proj.weight.dtype == torch.bfloat16
+    assert layer.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(layer.inv_freq, by_hand)
+
+    q, k = torch.randn(2, 8)
+
+    def score(m: int, n: int) -> float:  # q at position m against k at position n
+        cos, sin = rotary_tables(torch.tensor([m, n]), layer.inv_freq)
+        return float(apply_rotary(q, cos[0], sin[0]) @ apply_rotary(k, cos[1], sin[1]))
+
+    assert score(7, 3) == pytest.approx(score(1007, 1003), abs=1e-3)  # only m - n counts
+    assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)
+    cos, sin = rotary_tables(torch.tensor([0]), layer.inv_freq)
+    torch.testing.assert_close(apply_rotary(q, cos[0], sin[0]), q)  # position 0: no turn
 
 
 def test_attention_is_causal():
