@@ -163,8 +163,15 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return False
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as err:  # e.g. written by older layer code
+            detail = " ".join(str(err).split())[:300]
+            raise ValueError(
+                f"trial {self.trial.trial_id}: checkpoint {self.checkpoint_path} does not fit "
+                f"this model ({detail}); delete it to train the trial afresh"
+            ) from err
         self.step, self.history, self.run_id = state["step"], state["history"], state["run_id"]
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():

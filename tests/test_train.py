@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from runners.config import TrialConfig
@@ -54,6 +55,22 @@ def test_resume_reproduces_uninterrupted_curve(tmp_path, corpus_dir, data_cache)
     client = MlflowClient(opts.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("hybridscale").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_a_checkpoint_of_other_layer_code_is_a_clear_error(tmp_path, corpus_dir, data_cache):
+    trial = tiny_trial(corpus_dir)
+    opts = options(tmp_path, data_cache, checkpoint_every=4, stop_after_steps=4)
+    assert train_trial(trial, opts).status == "interrupted"
+    path = opts.workdir / trial.trial_id / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    # as written before q, k and v came from one projection
+    state["model"]["blocks.1.mixer.q_proj.weight"] = state["model"].pop(
+        "blocks.1.mixer.qkv_proj.weight"
+    )
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=rf"trial {trial.trial_id}: checkpoint .* does not fit"):
+        Trainer(trial, opts).run()
+    assert path.exists()  # kept for whoever wants it
 
 
 def test_huge_learning_rate_diverges(tmp_path, corpus_dir, data_cache):
