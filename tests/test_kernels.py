@@ -185,6 +185,27 @@ def test_mamba2_with_triton_kernels_matches_torch_path():
     torch.testing.assert_close(outs["triton"][-1], outs["torch"][0][:, 9:], atol=1e-4, rtol=0)
 
 
+@cpu_only
+def test_mamba2_on_the_kernels_compiles_into_one_graph():
+    """The kernels are custom ops: torch.compile keeps the layer one graph (a graph break
+    per kernel call before), and the compiled layer equals the eager one."""
+    torch.manual_seed(0)
+    layer = Mamba2(32, d_state=8, headdim=8, ngroups=2, chunk_size=8, ssd_impl="triton")
+    u = torch.randn(2, 13, 32, requires_grad=True)
+
+    def loss(u):
+        return (layer(u) * torch.linspace(-1, 1, 32)).sum()
+
+    explained = torch._dynamo.explain(loss)(u)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    results = []
+    for fn in (loss, torch.compile(loss)):
+        value = fn(u)
+        results.append((value, *torch.autograd.grad(value, [u, *layer.parameters()])))
+    for ours, ref in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
 def conv_reference(x, weight, bias):
     """Mamba2's conv: channels-first depthwise conv1d, cut to causal, then SiLU."""
     width, length = weight.shape[1], x.shape[1]

@@ -183,7 +183,7 @@ def test_tied_embeddings_share_storage():
 @pytest.mark.parametrize("symbol", ["M", "m", "*", "-"])
 def test_each_block_traces_into_one_graph(symbol):
     """torch.compile sees every block whole: no graph break inside a layer (the reference
-    path; the Triton kernels are checked on a GPU)."""
+    path; the Triton kernels' path in tests/test_kernels.py)."""
     config = ModelConfig(pattern=symbol, d_model=32, n_heads=4, d_state=8, ssm_headdim=16,
                          chunk_size=16, vocab_size=264, rotary_fraction=0.5)  # fmt: skip
     block = HybridLM(config).blocks[0]

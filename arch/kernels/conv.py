@@ -123,39 +123,55 @@ def _grid(b: int, L: int, Dm: int):
     return grid
 
 
-class CausalConv1dSiLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        b, L, Dm = x.shape
-        weight = weight.contiguous()
-        y = torch.empty(b, L, Dm, device=x.device, dtype=x.dtype)
-        _conv_fwd[_grid(b, L, Dm)](x, weight, bias, y, L, Dm, x.stride(0), x.stride(1),
-                                   K=weight.shape[1])  # fmt: skip
-        ctx.save_for_backward(x, weight, bias)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        x, weight, bias = ctx.saved_tensors
-        b, L, Dm = x.shape
-        dy = dy.contiguous()
-        # Two passes: dpre once per element (recomputing the conv), then dx and the weight
-        # gradients from it (a single pass recomputed dpre at each of the K shifts).
-        dpre = torch.empty(b, L, Dm, device=x.device, dtype=torch.float32)
-        _conv_dpre[_grid(b, L, Dm)](x, weight, bias, dy, dpre, L, Dm, x.stride(0), x.stride(1),
-                                    K=weight.shape[1])  # fmt: skip
-        dx = torch.empty(b, L, Dm, device=x.device, dtype=x.dtype)
-        dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
-        dbias = torch.zeros(Dm, device=x.device, dtype=torch.float32)
-        _conv_bwd[_grid(b, L, Dm)](x, weight, dpre, dx, dw, dbias, L, Dm,
-                                   x.stride(0), x.stride(1), K=weight.shape[1],
-                                   KP=triton.next_power_of_2(weight.shape[1]))  # fmt: skip
-        return dx, dw.to(weight.dtype), dbias.to(bias.dtype)
-
-
-@torch.compiler.disable
+# Custom ops rather than an autograd.Function behind torch.compiler.disable: torch.compile
+# keeps one graph around them (no graph break), knowing their outputs from the fakes.
+@torch.library.custom_op("hybridscale::causal_conv1d_silu", mutates_args=())
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """x (b, L, channels), weight (channels, width), bias (channels,) -> (b, L, channels)."""
-    return CausalConv1dSiLU.apply(x, weight, bias)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    b, L, Dm = x.shape
+    weight = weight.contiguous()
+    y = torch.empty(b, L, Dm, device=x.device, dtype=x.dtype)
+    _conv_fwd[_grid(b, L, Dm)](x, weight, bias, y, L, Dm, x.stride(0), x.stride(1),
+                               K=weight.shape[1])  # fmt: skip
+    return y
+
+
+@causal_conv1d_silu.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("hybridscale::causal_conv1d_silu_backward", mutates_args=())
+def _backward(x: Tensor, weight: Tensor, bias: Tensor, dy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    b, L, Dm = x.shape
+    weight, dy = weight.contiguous(), dy.contiguous()
+    # Two passes: dpre once per element (recomputing the conv), then dx and the weight
+    # gradients from it (a single pass recomputed dpre at each of the K shifts).
+    dpre = torch.empty(b, L, Dm, device=x.device, dtype=torch.float32)
+    _conv_dpre[_grid(b, L, Dm)](x, weight, bias, dy, dpre, L, Dm, x.stride(0), x.stride(1),
+                                K=weight.shape[1])  # fmt: skip
+    dx = torch.empty(b, L, Dm, device=x.device, dtype=x.dtype)
+    dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
+    dbias = torch.zeros(Dm, device=x.device, dtype=torch.float32)
+    _conv_bwd[_grid(b, L, Dm)](x, weight, dpre, dx, dw, dbias, L, Dm,
+                               x.stride(0), x.stride(1), K=weight.shape[1],
+                               KP=triton.next_power_of_2(weight.shape[1]))  # fmt: skip
+    return dx, dw.to(weight.dtype), dbias.to(bias.dtype)
+
+
+@_backward.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor, dy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _save(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+causal_conv1d_silu.register_autograd(
+    lambda ctx, dy: _backward(*ctx.saved_tensors, dy), setup_context=_save
+)

@@ -69,41 +69,66 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class RMSNormGated(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, z, weight, eps, group_size):
-        shape = x.shape
-        x, z = _rows(x), _rows(z)
-        M, D = x.shape
-        out = torch.empty(M, D, device=x.device, dtype=x.dtype)
-        rstd = torch.empty(M, D // group_size, device=x.device, dtype=torch.float32)
-        block = triton.next_power_of_2(group_size)
-        _norm_fwd[(M, D // group_size)](x, z, weight, out, rstd, group_size, eps, x.stride(0),
-                                        z.stride(0), BLOCK=block)  # fmt: skip
-        ctx.save_for_backward(x, z, weight, rstd)
-        ctx.group_size, ctx.shape = group_size, shape
-        return out.view(shape)
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, z, weight, rstd = ctx.saved_tensors
-        M, D = x.shape
-        gs = ctx.group_size
-        dout = dout.reshape(M, D).contiguous()
-        dx = torch.empty(M, D, device=x.device, dtype=x.dtype)
-        dz = torch.empty(M, D, device=x.device, dtype=z.dtype)
-        programs = min(M, 1024)  # enough to fill the GPU; each sums dw over its rows
-        rows = triton.cdiv(M, programs)
-        programs = triton.cdiv(M, rows)
-        dw = torch.empty(programs, D, device=x.device, dtype=torch.float32)
-        _norm_bwd[(programs, D // gs)](x, z, weight, rstd, dout, dx, dz, dw, M, gs,
-                                       x.stride(0), z.stride(0), rows,
-                                       BLOCK=triton.next_power_of_2(gs))  # fmt: skip
-        shape = ctx.shape
-        return dx.view(shape), dz.view(shape), dw.sum(0).to(weight.dtype), None, None
+# Custom ops, so torch.compile keeps one graph around them (see arch/kernels/conv.py).
+@torch.library.custom_op("hybridscale::rmsnorm_gated", mutates_args=())
+def _forward(
+    x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int
+) -> tuple[Tensor, Tensor]:
+    """(out, rstd per row and group)."""
+    shape = x.shape
+    x, z = _rows(x), _rows(z)
+    M, D = x.shape
+    out = torch.empty(M, D, device=x.device, dtype=x.dtype)
+    rstd = torch.empty(M, D // group_size, device=x.device, dtype=torch.float32)
+    block = triton.next_power_of_2(group_size)
+    _norm_fwd[(M, D // group_size)](x, z, weight, out, rstd, group_size, eps, x.stride(0),
+                                    z.stride(0), BLOCK=block)  # fmt: skip
+    return out.view(shape), rstd
 
 
-@torch.compiler.disable
+@_forward.register_fake
+def _(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int):
+    rows = x.numel() // x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty(rows, x.shape[-1] // group_size, dtype=torch.float32)
+
+
+@torch.library.custom_op("hybridscale::rmsnorm_gated_backward", mutates_args=())
+def _backward(
+    x: Tensor, z: Tensor, weight: Tensor, rstd: Tensor, dout: Tensor, group_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    shape = x.shape
+    x, z = _rows(x), _rows(z)
+    M, D = x.shape
+    dout = dout.reshape(M, D).contiguous()
+    dx = torch.empty(M, D, device=x.device, dtype=x.dtype)
+    dz = torch.empty(M, D, device=x.device, dtype=z.dtype)
+    programs = min(M, 1024)  # enough to fill the GPU; each sums dw over its rows
+    rows = triton.cdiv(M, programs)
+    programs = triton.cdiv(M, rows)
+    dw = torch.empty(programs, D, device=x.device, dtype=torch.float32)
+    _norm_bwd[(programs, D // group_size)](x, z, weight, rstd, dout, dx, dz, dw, M, group_size,
+                                           x.stride(0), z.stride(0), rows,
+                                           BLOCK=triton.next_power_of_2(group_size))  # fmt: skip
+    return dx.view(shape), dz.view(shape), dw.sum(0).to(weight.dtype)
+
+
+@_backward.register_fake
+def _(x: Tensor, z: Tensor, weight: Tensor, rstd: Tensor, dout: Tensor, group_size: int):
+    return x.new_empty(x.shape), z.new_empty(z.shape), torch.empty_like(weight)
+
+
+def _save(ctx, inputs: tuple, output: tuple) -> None:
+    x, z, weight, _, ctx.group_size = inputs
+    ctx.save_for_backward(x, z, weight, output[1])
+
+
+def _grads(ctx, dout: Tensor, _drstd: Tensor) -> tuple:
+    return *_backward(*ctx.saved_tensors, dout, ctx.group_size), None, None
+
+
+_forward.register_autograd(_grads, setup_context=_save)
+
+
 def rmsnorm_gated(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
     """x, z (..., d), weight (d,) -> (..., d) in x's dtype."""
-    return RMSNormGated.apply(x, z, weight, eps, group_size)
+    return _forward(x, z, weight, eps, group_size)[0]

@@ -690,33 +690,100 @@ def _backward(dout, dfinal, x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, 
     return grads
 
 
-class SSDChunked(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states):
-        x, dt, B, C = _packed(x), _packed(dt), _packed(B), _packed(C)
-        z = _packed(z) if z is not None else None
-        s = _Shape(x, B, chunk_size)
-        D = D.contiguous() if D is not None else None
-        init = initial_states.contiguous() if initial_states is not None else None
-        with torch.autocast(x.device.type, enabled=False):  # keep C_i.B_s in fp32
-            out, final, saved = _forward(x, dt, A, B, C, s, D, z, dt_bias, dt_softplus, init)
-        ctx.shape, ctx.softplus = s, dt_softplus
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, *saved)
-        return out, final
-
-    @staticmethod
-    def backward(ctx, dout, dfinal):
-        x, dt, A, B, C, D, z, dt_bias, *saved = ctx.saved_tensors
-        dfinal = dfinal.contiguous() if dfinal is not None else None
-        with torch.autocast(x.device.type, enabled=False):
-            grads = _backward(_packed(dout), dfinal, x, dt, A, B, C, ctx.shape, D, z, dt_bias,
-                              ctx.softplus, saved)  # fmt: skip
-        inputs = ("x", "dt", "A", "B", "C", None, "D", "z", "dt_bias", None, "initial_states")
-        return tuple(grads.get(name) if need else None
-                     for name, need in zip(inputs, ctx.needs_input_grad, strict=True))  # fmt: skip
+# Custom ops, so torch.compile keeps one graph around the kernels (no graph break); their
+# fakes give the outputs' shapes (all contiguous, as the real ones are made).
+_OPTIONAL = ("D", "z", "dt_bias", "initial_states")
+_GRADS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 
-@torch.compiler.disable
+@torch.library.custom_op("hybridscale::ssd_chunked", mutates_args=())
+def _ssd_forward(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+    D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool,
+    initial_states: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(y, final state, then what the backward reuses: dt, log decays, C.B, chunk states,
+    the output before the gate (empty without z))."""
+    x, dt, B, C = _packed(x), _packed(dt), _packed(B), _packed(C)
+    z = _packed(z) if z is not None else None
+    s = _Shape(x, B, chunk_size)
+    D = D.contiguous() if D is not None else None
+    init = initial_states.contiguous() if initial_states is not None else None
+    with torch.autocast(x.device.type, enabled=False):  # keep C_i.B_s in fp32
+        out, final, saved = _forward(x, dt, A, B, C, s, D, z, dt_bias, dt_softplus, init)
+    dtp, a, cb, states, ypre = saved
+    return out, final, dtp, a, cb, states, ypre if ypre is not None else out.new_empty(0)
+
+
+@_ssd_forward.register_fake
+def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states):
+    (b, L, H, P), (G, N) = x.shape, B.shape[2:]
+    Q, NC = chunk_size, (L + chunk_size - 1) // chunk_size
+    f32 = {"dtype": torch.float32}
+    decays = x.new_empty(b, H, NC, Q, **f32)
+    return (x.new_empty(b, L, H, P), x.new_empty(b, H, P, N, **f32), decays,
+            torch.empty_like(decays), x.new_empty(b, NC, G, Q, Q, **f32),
+            x.new_empty(b, NC, H, P, N, **f32),
+            x.new_empty(b, L, H, P) if z is not None else x.new_empty(0))  # fmt: skip
+
+
+@torch.library.custom_op("hybridscale::ssd_chunked_backward", mutates_args=())
+def _ssd_backward(
+    dout: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+    C: Tensor, chunk_size: int, D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None,
+    dt_softplus: bool, initial_states: Tensor | None, dtp: Tensor, a: Tensor, cb: Tensor,
+    states: Tensor, ypre: Tensor,
+) -> list[Tensor]:  # fmt: skip
+    """The gradients of _GRADS, in that order; empty for an absent input."""
+    x, dt, B, C = _packed(x), _packed(dt), _packed(B), _packed(C)
+    z = _packed(z) if z is not None else None
+    D = D.contiguous() if D is not None else None
+    dfinal = dfinal.contiguous() if dfinal is not None else None
+    saved = (dtp, a, cb, states, ypre if z is not None else None)
+    with torch.autocast(x.device.type, enabled=False):
+        grads = _backward(_packed(dout), dfinal, x, dt, A, B, C, _Shape(x, B, chunk_size), D,
+                          z, dt_bias, dt_softplus, saved)  # fmt: skip
+    if initial_states is not None:
+        grads["initial_states"] = grads["initial_states"].to(initial_states.dtype)
+    present = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias,
+               "initial_states": initial_states}  # fmt: skip
+    return [grads[n].contiguous() if present[n] is not None else x.new_empty(0) for n in _GRADS]
+
+
+@_ssd_backward.register_fake
+def _(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states,
+      dtp, a, cb, states, ypre):  # fmt: skip
+    inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    return [t.new_empty(t.shape) if t is not None else x.new_empty(0) for t in inputs]
+
+
+def _ssd_save(ctx, inputs: tuple, output: tuple) -> None:
+    x, dt, A, B, C, ctx.chunk_size, D, z, dt_bias, ctx.softplus, init = inputs
+    ctx.absent = [name for name, t in zip(_OPTIONAL, (D, z, dt_bias, init), strict=True)
+                  if t is None]  # fmt: skip
+    ctx.mark_non_differentiable(*output[2:])
+    present = [t for t in (D, z, dt_bias, init) if t is not None]
+    ctx.save_for_backward(x, dt, A, B, C, *present, *output[2:])
+
+
+def _ssd_grads(ctx, dout: Tensor, dfinal: Tensor | None, *_unused) -> tuple:
+    x, dt, A, B, C, *rest = ctx.saved_tensors
+    optional = {name: None for name in ctx.absent}
+    for name in _OPTIONAL:
+        if name not in optional:
+            optional[name] = rest.pop(0)
+    grads = _ssd_backward(dout, dfinal, x, dt, A, B, C, ctx.chunk_size, optional["D"],
+                          optional["z"], optional["dt_bias"], ctx.softplus,
+                          optional["initial_states"], *rest)  # fmt: skip
+    grads = dict(zip(_GRADS, grads, strict=True))
+    inputs = ("x", "dt", "A", "B", "C", None, "D", "z", "dt_bias", None, "initial_states")
+    return tuple(grads[name] if name in grads and name not in ctx.absent and need else None
+                 for name, need in zip(inputs, ctx.needs_input_grad, strict=True))  # fmt: skip
+
+
+_ssd_forward.register_autograd(_ssd_grads, setup_context=_ssd_save)
+
+
 def ssd_chunked_triton(
     x: Tensor,
     dt: Tensor,
@@ -733,7 +800,7 @@ def ssd_chunked_triton(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``arch.ssd.ssd_chunked`` on Triton kernels: same arguments, same results."""
     B, C = B.to(x.dtype), C.to(x.dtype)  # one dtype for the tensor-core products
-    y, final = SSDChunked.apply(
+    y, final, *_ = _ssd_forward(
         x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states
     )
     return (y, final) if return_final_states else y
