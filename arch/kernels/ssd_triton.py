@@ -692,7 +692,6 @@ def _backward(dout, dfinal, x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, 
 
 # Custom ops, so torch.compile keeps one graph around the kernels (no graph break); their
 # fakes give the outputs' shapes (all contiguous, as the real ones are made).
-_OPTIONAL = ("D", "z", "dt_bias", "initial_states")
 _GRADS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 
@@ -745,9 +744,9 @@ def _ssd_backward(
                           z, dt_bias, dt_softplus, saved)  # fmt: skip
     if initial_states is not None:
         grads["initial_states"] = grads["initial_states"].to(initial_states.dtype)
-    present = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias,
-               "initial_states": initial_states}  # fmt: skip
-    return [grads[n].contiguous() if present[n] is not None else x.new_empty(0) for n in _GRADS]
+    inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    return [grads[name].contiguous() if t is not None else x.new_empty(0)
+            for name, t in zip(_GRADS, inputs, strict=True)]  # fmt: skip
 
 
 @_ssd_backward.register_fake
@@ -759,25 +758,17 @@ def _(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, init
 
 def _ssd_save(ctx, inputs: tuple, output: tuple) -> None:
     x, dt, A, B, C, ctx.chunk_size, D, z, dt_bias, ctx.softplus, init = inputs
-    ctx.absent = [name for name, t in zip(_OPTIONAL, (D, z, dt_bias, init), strict=True)
-                  if t is None]  # fmt: skip
     ctx.mark_non_differentiable(*output[2:])
-    present = [t for t in (D, z, dt_bias, init) if t is not None]
-    ctx.save_for_backward(x, dt, A, B, C, *present, *output[2:])
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, init, *output[2:])
 
 
-def _ssd_grads(ctx, dout: Tensor, dfinal: Tensor | None, *_unused) -> tuple:
-    x, dt, A, B, C, *rest = ctx.saved_tensors
-    optional = {name: None for name in ctx.absent}
-    for name in _OPTIONAL:
-        if name not in optional:
-            optional[name] = rest.pop(0)
-    grads = _ssd_backward(dout, dfinal, x, dt, A, B, C, ctx.chunk_size, optional["D"],
-                          optional["z"], optional["dt_bias"], ctx.softplus,
-                          optional["initial_states"], *rest)  # fmt: skip
+def _ssd_grads(ctx, dout: Tensor, dfinal: Tensor | None, *_intermediates) -> tuple:
+    x, dt, A, B, C, D, z, dt_bias, init, *saved = ctx.saved_tensors
+    grads = _ssd_backward(dout, dfinal, x, dt, A, B, C, ctx.chunk_size, D, z, dt_bias,
+                          ctx.softplus, init, *saved)  # fmt: skip
     grads = dict(zip(_GRADS, grads, strict=True))
     inputs = ("x", "dt", "A", "B", "C", None, "D", "z", "dt_bias", None, "initial_states")
-    return tuple(grads[name] if name in grads and name not in ctx.absent and need else None
+    return tuple(grads[name] if need else None
                  for name, need in zip(inputs, ctx.needs_input_grad, strict=True))  # fmt: skip
 
 
