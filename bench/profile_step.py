@@ -10,9 +10,7 @@ from collections import defaultdict
 
 import torch
 from gpu_util import kernel_times  # bench/, beside these scripts
-from train_throughput import baseline, configs, train_step
-
-from arch.model import HybridLM
+from train_throughput import builds, train_step
 
 # Kernel-name fragments to group by, first match wins.
 GROUPS = {
@@ -51,12 +49,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     args = parser.parse_args()
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    builds = {"nanogpt": lambda: baseline(args.size)}
-    builds |= {name: lambda c=c: HybridLM(c) for name, c in configs(args.size).items()}
+    models = builds(args.size)
     for name in args.models:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        step = train_step(builds[name](), args.batch, args.seq_len, compile=True)
+        step = train_step(models[name](), args.batch, args.seq_len, compile=True)
         for _ in range(3):  # compile and warm up
             step()
         breaks = sum(torch._dynamo.utils.counters["graph_break"].values())

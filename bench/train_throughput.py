@@ -52,6 +52,12 @@ def baseline(size: str) -> GPT:
     return GPT(vocab=50304, d=d, n_layer=n // 2, heads=heads)
 
 
+def builds(size: str) -> dict:
+    """Model constructors by name: the nanoGPT-style baseline, then ours (``configs``)."""
+    models = {"nanogpt": lambda: baseline(size)}
+    return models | {name: lambda c=c: HybridLM(c) for name, c in configs(size).items()}
+
+
 def train_step(model: torch.nn.Module, batch: int, seq_len: int, compile: bool):
     """One training step of ``model`` (on the GPU) on random tokens, as a closure."""
     torch.manual_seed(0)
@@ -142,9 +148,7 @@ def main() -> None:
     compile = not args.no_compile
     for size in args.sizes:
         rates = {}
-        models = {"nanogpt": lambda s=size: baseline(s)}
-        models |= {name: lambda c=c: HybridLM(c) for name, c in configs(size).items()}
-        for name, build in models.items():
+        for name, build in builds(size).items():
             if args.models and name not in args.models:
                 continue
             r = measure_robustly(name, build, args.batch, args.seq_len, args.steps, compile)
