@@ -162,7 +162,9 @@ class Trainer:
     def _restore(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        # Into CPU memory, where RNG states must be (set_rng_state rejects a CUDA tensor);
+        # load_state_dict copies each tensor to its parameter's device.
+        state = torch.load(self.checkpoint_path, map_location="cpu", mmap=True, weights_only=False)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
