@@ -11,9 +11,12 @@ Needs a machine with at least 2 GPUs. Two measurements, side by side in one run:
    small trials on shares of a GPU (1M tokens each), sampling nvidia-smi every second.
    Reports each GPU's mean utilisation and the share of samples it sat idle (< 5%).
 
-    python bench/data_parallel.py [--steps 30] [--out FILE]
+    python bench/data_parallel.py [--steps 30] [--shard] [--out FILE]
 
-Prints one JSON line per measurement and a markdown table.
+``--shard``: the data-parallel trials shard weights, gradients and Adam moments (FSDP)
+instead of replicating them (DDP), in both measurements; the one-GPU run is the same.
+Prints one JSON line per measurement (with each scaling run's median peak GPU memory)
+and a markdown table.
 """
 
 import argparse
@@ -40,7 +43,7 @@ MODEL_350M = {"d_model": 1024, "n_layers": 48, "n_heads": 16, "attention_ratio":
 SEQ_LEN, BATCH, MICRO = 1024, 32, 8  # 32K tokens a step: 1 GPU runs 4 micro-batches, 2 run 2
 
 
-def scaling(folder: Path, workers: int, steps: int) -> dict:
+def scaling(folder: Path, workers: int, steps: int, shard: bool) -> dict:
     trial = TrialConfig.model_validate({
         "model": MODEL_350M,
         "data": {"seq_len": SEQ_LEN},
@@ -50,7 +53,7 @@ def scaling(folder: Path, workers: int, steps: int) -> dict:
     uri = f"sqlite:///{folder / f'scaling{workers}.db'}"
     options = TrainOptions(workdir=folder / f"scaling{workers}", tracking_uri=uri,
                            data_dir=folder / "data", stop_after_steps=steps,
-                           checkpoint_every=10**9)  # fmt: skip
+                           checkpoint_every=10**9, shard=shard)  # fmt: skip
     outcome = run_data_parallel(trial, options, workers=workers, use_gpu=True)
     assert outcome.status == "interrupted", outcome
     client = MlflowClient(uri)
@@ -60,9 +63,10 @@ def scaling(folder: Path, workers: int, steps: int) -> dict:
         return [m.value for m in sorted(history, key=lambda m: m.step)][5:]
 
     rates, mfu = after_warmup("tokens_per_s"), after_warmup("mfu")
-    return {"measure": "scaling", "gpus": workers, "steps": len(rates),
-            "tokens_per_s": statistics.median(rates),
-            "mfu": statistics.median(mfu) if mfu else None}  # fmt: skip
+    return {"measure": "scaling", "gpus": workers, "sharded": shard and workers > 1,
+            "steps": len(rates), "tokens_per_s": statistics.median(rates),
+            "mfu": statistics.median(mfu) if mfu else None,
+            "peak_memory_gb": statistics.median(after_warmup("peak_memory_gb"))}  # fmt: skip
 
 
 MIXED = """
@@ -74,13 +78,15 @@ training: {{tokens: 1M, batch_size: {batch}, micro_batch_size: {micro}, lr: 1.0e
 sweep:
   size: [{{d_model: 1024, n_layers: 48, n_heads: 16, d_state: 128}}, {{d_model: 256}}]
   seed: [0, 1, 2]
-resources: {{workers: {{100M: 2}}}}   # the 350M trials take two GPUs, the small ones a share
+resources: {{workers: {{100M: 2}}, shard_from: {shard_from}}}  # 350M trials: 2 GPUs each
 """
 
 
-def mixed_study(folder: Path) -> dict:
+def mixed_study(folder: Path, shard: bool) -> dict:
     path = folder / "mixed.yaml"
-    path.write_text(textwrap.dedent(MIXED.format(seq_len=SEQ_LEN, batch=BATCH, micro=MICRO)))
+    shard_from = "100M" if shard else "null"
+    text = MIXED.format(seq_len=SEQ_LEN, batch=BATCH, micro=MICRO, shard_from=shard_from)
+    path.write_text(textwrap.dedent(text))
     spec, trials = load_spec(path)
     start = time.time()
     with GpuSampler() as sampler:
@@ -99,6 +105,7 @@ def mixed_study(folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30, help="steps per scaling measurement")
+    parser.add_argument("--shard", action="store_true", help="FSDP instead of DDP")
     parser.add_argument("--out")
     args = parser.parse_args()
     gpus = torch.cuda.device_count()
@@ -108,14 +115,16 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        one, two = scaling(folder, 1, args.steps), scaling(folder, 2, args.steps)
+        one, two = (scaling(folder, n, args.steps, args.shard) for n in (1, 2))
         two["speedup"] = two["tokens_per_s"] / one["tokens_per_s"]
-        results += [one, two, mixed_study(folder)]
+        results += [one, two, mixed_study(folder, args.shard)]
     for row in results:
         print(json.dumps(row), flush=True)
-    print(f"\n| GPUs | tokens/s | MFU | speedup |\n|---|---|---|---|\n"
-          f"| 1 | {one['tokens_per_s']:,.0f} | {one['mfu'] or 0:.3f} | 1.00 |\n"
-          f"| 2 | {two['tokens_per_s']:,.0f} | {two['mfu'] or 0:.3f} | {two['speedup']:.2f} "
+    print(f"\n| GPUs | tokens/s | MFU | peak GB | speedup |\n|---|---|---|---|---|\n"
+          f"| 1 | {one['tokens_per_s']:,.0f} | {one['mfu'] or 0:.3f} "
+          f"| {one['peak_memory_gb']:.1f} | 1.00 |\n"
+          f"| 2 ({'FSDP' if args.shard else 'DDP'}) | {two['tokens_per_s']:,.0f} "
+          f"| {two['mfu'] or 0:.3f} | {two['peak_memory_gb']:.1f} | {two['speedup']:.2f} "
           f"(target >= 1.8) |")  # fmt: skip
     mixed = results[2]
     print(f"\nmixed study: {mixed['finished']}/{mixed['trials']} finished in "

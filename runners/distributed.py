@@ -1,10 +1,12 @@
-"""Data-parallel trials on Ray Train: one trial spread over several workers (DDP).
+"""Data-parallel trials on Ray Train: one trial spread over several workers (DDP or FSDP).
 
 A trial of W workers is a ``TorchTrainer`` of W ranks in one process group (NCCL on
 GPUs, gloo on CPUs). Every rank draws the same (seed, step) global batch and trains on
-its slice; DDP averages the gradients, so the loss curve is the one-worker curve at the
-same global batch. Rank 0 alone logs to MLflow and writes the checkpoint every rank
-resumes from, so the trial folder must sit on storage every node reaches.
+its slice; the ranks average their gradients, so the loss curve is the one-worker curve
+at the same global batch. Each rank holds the whole model (DDP) or, with
+``TrainOptions.shard``, 1/W of its weights, gradients and Adam moments (FSDP). Rank 0
+alone logs to MLflow and writes the checkpoint every rank resumes from, so the trial
+folder must sit on storage every node reaches.
 
 The trainer's own placement group reserves all W workers at once (gang scheduling): a
 data-parallel trial never holds some of its GPUs while it waits for the rest.

@@ -167,6 +167,7 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
                 experiment=spec.name, parent_run_id=parent, device=options.device,
                 tags={STUDY_TAG: spec.name, "kind": "trial"},
                 log_every=10,  # many trials share one store: don't write it every step
+                shard=spec.resources.shards(trial),
             )  # fmt: skip
             need = demand[trial.trial_id]
             if workers[trial.trial_id] > 1:  # Ray Train places the workers, all at once

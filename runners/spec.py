@@ -119,6 +119,11 @@ class Resources(StrictModel):
     # rule {min_params: workers}, e.g. {300M: 2, 1B: 4}: a trial takes the rule of the
     # largest threshold its parameter count reaches, and one worker below them all.
     workers: dict[Count, PositiveInt] = {1: 1}
+    # Trials of at least this many parameters that run on several workers shard their
+    # weights, gradients and Adam moments across them (FSDP) instead of each worker holding
+    # them whole (DDP): for trials whose ~16 bytes a parameter do not fit one GPU. The same
+    # loss curve either way, and the same checkpoints. None: data-parallel trials use DDP.
+    shard_from: Count | None = None
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -134,6 +139,10 @@ class Resources(StrictModel):
         params = param_counts(trial.model)["total"]
         reached = [(t, w) for t, w in self.workers.items() if params >= t]
         return max(reached)[1] if reached else 1
+
+    def shards(self, trial: TrialConfig) -> bool:
+        """Whether the trial's workers shard it (when it has more than one)."""
+        return self.shard_from is not None and param_counts(trial.model)["total"] >= self.shard_from
 
 
 # ---- search: the space an Optuna search samples (runners/search.py runs it) ----------------

@@ -21,6 +21,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from mlflow.tracking import MlflowClient
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from arch.accounting import flops_per_token, param_counts
@@ -62,6 +72,9 @@ class TrainOptions:
     checkpoint_every: int = 50  # steps
     log_every: int = 1
     stop_after_steps: int | None = None  # stop early as if interrupted (tests, time limits)
+    # Data-parallel ranks shard the weights, gradients and Adam moments (FSDP) instead of
+    # each holding them whole (DDP): the same loss curve in less memory. One rank ignores it.
+    shard: bool = False
     # Called with (step, tokens, metrics) after each interval evaluation; returning True
     # stops the trial as "pruned" (an Optuna pruner says it is not worth finishing).
     on_eval: Callable[[int, int, dict], bool] | None = None
@@ -98,6 +111,34 @@ class _Quiet:
         return lambda *args, **kwargs: None
 
 
+def _fully_shard(model: HybridLM, device: torch.device, world: int) -> None:
+    """FSDP2, in place: each block is a unit whose weights are gathered only for its own
+    forward and backward; the embedding, final norm and head are the root's unit. Each rank
+    keeps 1/world of every weight, gradient and Adam moment. Units move to ``device`` one
+    at a time as they are sharded, so no GPU ever holds the whole model."""
+    marks = {name: dict(vars(param)) for name, param in model.named_parameters()}
+    mesh = init_device_mesh(device.type, (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for name, param in model.named_parameters():  # new parameters: keep the layers' marks
+        vars(param).update(marks[name])  # (e.g. _no_weight_decay, which the optimizer reads)
+
+
+# Sharded state gathered whole for the checkpoint, into rank 0's CPU memory alone.
+GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _rekey(optimizer_state: dict, key: dict) -> dict:
+    """An optimizer state dict with its parameters' keys mapped through ``key``: from the
+    names the gathered state uses to the numbers of the optimizer's own layout, or back."""
+    groups = optimizer_state["param_groups"]
+    return {
+        "state": {key[p]: value for p, value in optimizer_state["state"].items()},
+        "param_groups": [{**g, "params": [key[p] for p in g["params"]]} for g in groups],
+    }
+
+
 def _save_atomic(state: dict, path: Path) -> None:
     """Write aside, then rename: a crash mid-write never leaves a torn checkpoint."""
     tmp = path.with_suffix(".tmp")
@@ -129,8 +170,14 @@ class Trainer:
         self.local_batch = t.batch_size // self.world
         self.micro = t.micro_batch_size or self.local_batch
         torch.manual_seed(t.seed)
-        self.model = HybridLM(trial.model).to(self.device)
-        self.ddp = DistributedDataParallel(self.model) if self.world > 1 else None
+        self.model = HybridLM(trial.model)  # every rank draws the same initial weights
+        self.shard = options.shard and self.world > 1
+        if self.shard:  # before the optimizer: it must hold the sharded parameters
+            _fully_shard(self.model, self.device, self.world)
+        else:
+            self.model.to(self.device)
+        replicated = self.world > 1 and not self.shard
+        self.ddp = DistributedDataParallel(self.model) if replicated else None
         self.wrapped = self.ddp or self.model
         # Model and loss compiled as one graph: the fp32 logits are never materialised
         # (on an H100 that took a 125M model from 362K to 480K tokens/s, bench/RESULTS.md).
@@ -148,10 +195,26 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------
 
-    def _state(self) -> dict:
+    def _param_names(self) -> list[str]:
+        """The optimizer's parameters by name, in the order its own state dict numbers them."""
+        names = {param: name for name, param in self.model.named_parameters()}
+        return [names[param] for group in self.optimizer.param_groups for param in group["params"]]
+
+    def _state(self) -> dict | None:
+        """The loop's state, laid out as one unsharded model's whether or not the ranks
+        shard it: a checkpoint resumes on any number of ranks, sharded or not. Sharded,
+        gathering is collective: every rank calls this, and rank 0 alone gets the state."""
+        if self.shard:
+            model = get_model_state_dict(self.model, options=GATHER)
+            optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=GATHER)
+            if not self.chief:
+                return None
+            optimizer = _rekey(optimizer, {name: i for i, name in enumerate(self._param_names())})
+        else:
+            model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "step": self.step,
             "history": self.history,
             "run_id": self.run_id,
@@ -162,13 +225,19 @@ class Trainer:
     def _restore(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
-        # Into CPU memory, where RNG states must be (set_rng_state rejects a CUDA tensor);
-        # load_state_dict copies each tensor to its parameter's device.
+        # Mapped into CPU memory (where RNG states must be), from which every tensor is
+        # copied straight to its place: a parameter, or a sharded rank's slice of one.
         state = torch.load(self.checkpoint_path, map_location="cpu", mmap=True, weights_only=False)
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as err:  # e.g. written by older layer code
+            if self.shard:
+                whole = StateDictOptions(full_state_dict=True)
+                set_model_state_dict(self.model, state["model"], options=whole)
+                optimizer = _rekey(state["optimizer"], dict(enumerate(self._param_names())))
+                set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=whole)
+            else:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:  # e.g. written by older layer code
             detail = " ".join(str(err).split())[:300]
             raise ValueError(
                 f"trial {self.trial.trial_id}: checkpoint {self.checkpoint_path} does not fit "
@@ -181,8 +250,10 @@ class Trainer:
         return True
 
     def checkpoint(self) -> None:
-        if self.chief:
-            _save_atomic(self._state(), self.checkpoint_path)
+        if self.chief or self.shard:
+            state = self._state()
+            if self.chief:
+                _save_atomic(state, self.checkpoint_path)
 
     # ---- MLflow -----------------------------------------------------------------------
 
@@ -203,6 +274,7 @@ class Trainer:
             "hybridscale.d_model": model.d_model,
             "hybridscale.n_layers": model.n_layers,
             "hybridscale.workers": self.world,  # data-parallel ranks (not part of the trial)
+            "hybridscale.sharded": self.shard,  # FSDP rather than DDP (nor is this)
             **{f"hybridscale.n_{k}": v for k, v in layer_counts(model.pattern).items()},
             **self.options.tags,
         }
@@ -237,7 +309,9 @@ class Trainer:
         total = 0.0
         for i in range(n_micro):
             chunk = slice(i * self.micro, (i + 1) * self.micro)
-            # Ranks average their gradients once a step, in the last micro-batch's backward.
+            # DDP ranks average their gradients once a step, in the last micro-batch's
+            # backward. FSDP ranks reduce-scatter them every micro-batch instead: deferring
+            # would keep whole unsharded gradients on every rank, the memory sharding saves.
             defer = self.ddp and i < n_micro - 1
             with self.ddp.no_sync() if defer else contextlib.nullcontext():
                 loss = self.loss(inputs[chunk], targets[chunk])
@@ -246,7 +320,8 @@ class Trainer:
         if self.world > 1:  # every rank judges divergence on the same, global, loss
             total = _mean_over_ranks(total, self.device)
         clip = t.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
         # Worse than twice a uniform guess, or not a number: the run has blown up.
         if not math.isfinite(total) or total > 2 * math.log(self.trial.model.vocab_size):
             raise TrialDiverged(f"loss {total:.4g} at step {self.step}")
@@ -321,7 +396,8 @@ class Trainer:
             log.end("finished")
             return TrialOutcome(self.trial.trial_id, "finished", self.run_id, final)
         except KeyboardInterrupt:
-            self.checkpoint()
+            if not self.shard:  # gathering shards needs every rank, and they may be gone
+                self.checkpoint()
             if self.chief:
                 self.client.set_terminated(self.run_id, "KILLED")
             raise

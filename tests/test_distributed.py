@@ -2,12 +2,15 @@
 
 The reference is the same trial on one worker, trained in this process: at the same
 global batch, two ranks that each take half of every (seed, step) batch and average
-their gradients must draw the same loss curve. fp32 on CPU; the only difference is the
-order of floating-point sums (half-batch means averaged vs one full-batch mean), which
-stays below 1e-5 relative over these few steps.
+their gradients must draw the same loss curve, whether each holds the whole model (DDP)
+or half of it (FSDP). fp32 on CPU; the only difference is the order of floating-point
+sums (half-batch means averaged vs one full-batch mean), which stays below 1e-5 relative
+over these few steps.
 """
 
 import textwrap
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import ray
@@ -36,27 +39,41 @@ def train_loss_curve(uri: str, run_id: str) -> list[float]:
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
-def test_two_workers_match_one_worker_and_resume(tmp_path, corpus_dir, data_cache, local_ray):
-    trial = TrialConfig.model_validate({
+def options(folder: Path, data_cache: Path, **kw) -> TrainOptions:
+    return TrainOptions(workdir=folder, data_dir=data_cache, device="cpu",
+                        tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", checkpoint_every=2,
+                        **kw)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trial(corpus_dir) -> TrialConfig:
+    return TrialConfig.model_validate({
         "model": MODEL,
         "data": {"paths": [str(corpus_dir / "*.py")], "seq_len": 64},
         "training": {"tokens": 64 * 8 * 8, "batch_size": 8, "micro_batch_size": 2, "lr": 3e-3,
                      "precision": "fp32"},
     })  # fmt: skip
 
-    def options(folder: str, **kw) -> TrainOptions:
-        return TrainOptions(workdir=tmp_path / folder, data_dir=data_cache, device="cpu",
-                            tracking_uri=f"sqlite:///{tmp_path / folder / 'mlflow.db'}",
-                            checkpoint_every=2, **kw)  # fmt: skip
 
-    single = Trainer(trial, options("one"))
+@pytest.fixture(scope="module")
+def one_worker(trial, tmp_path_factory, data_cache) -> Trainer:
+    """The reference: the whole trial on one worker, in this process."""
+    single = Trainer(trial, options(tmp_path_factory.mktemp("one"), data_cache))
     assert single.run().status == "finished"
-    reference = [loss for _, _, loss in single.history]
+    return single
 
-    # Two workers of two micro-batches each (one gradient average a step), stopped after
-    # 3 steps, then resumed to the end.
-    parallel = options("two", stop_after_steps=3)
+
+@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp"])
+def test_two_workers_match_one_worker_and_resume(
+    shard, trial, one_worker, tmp_path, data_cache, local_ray
+):
+    reference = [loss for _, _, loss in one_worker.history]
+    # Two workers of two micro-batches each, stopped after 3 steps; one worker, in this
+    # process, for steps 4-5; two workers again to the end. Every leg resumes from the
+    # last one's checkpoint: the same file whatever wrote it, replicated, sharded or alone.
+    parallel = options(tmp_path, data_cache, stop_after_steps=3, shard=shard)
     assert run_data_parallel(trial, parallel, workers=2, use_gpu=False).status == "interrupted"
+    assert Trainer(trial, replace(parallel, stop_after_steps=2)).run().status == "interrupted"
     parallel.stop_after_steps = None
     outcome = run_data_parallel(trial, parallel, workers=2, use_gpu=False)
     assert outcome.status == "finished", outcome.reason
@@ -65,14 +82,16 @@ def test_two_workers_match_one_worker_and_resume(tmp_path, corpus_dir, data_cach
     assert len(curve) == len(reference) == 8
     for step, (a, b) in enumerate(zip(curve, reference, strict=True), 1):
         assert abs(a - b) <= 1e-5 * abs(b), (step, a, b)
-    assert outcome.metrics["val_loss"] == pytest.approx(single.evaluate()["val_loss"], rel=1e-5)
-    # Rank 0 alone keeps the record: one run, continued across the resume, two workers.
+    expected = one_worker.evaluate()["val_loss"]
+    assert outcome.metrics["val_loss"] == pytest.approx(expected, rel=1e-5)
+    # Rank 0 alone keeps the record: one run, continued across the resumes, two workers.
     client = MlflowClient(parallel.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("hybridscale").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["hybridscale.workers"] == "2"
-    log = (tmp_path / "two" / trial.trial_id / "train.log").read_text().splitlines()
-    assert len(log) == 8 + 1  # stopped after step 3 with a checkpoint, resumed at step 4
+    assert runs[0].data.tags["hybridscale.sharded"] == str(shard)
+    log = (tmp_path / trial.trial_id / "train.log").read_text().splitlines()
+    assert len(log) == 8 + 1  # each leg resumed at the step after the last one's checkpoint
 
 
 SPEC = """
@@ -82,21 +101,22 @@ model: {{d_model: 32, n_heads: 4, d_state: 8, ssm_headdim: 16, chunk_size: 16,
 data: {{paths: ["{corpus}/*.py"], seq_len: 64}}
 training: {{tokens: {tokens}, batch_size: {batch}, lr: {lr}, warmup_fraction: 0.0}}
 sweep: {{size: [{{d_model: 32}}, {{d_model: 48}}, {{d_model: 64}}]}}
-resources: {{workers: {workers}}}
+resources: {resources}
 """
 
 
-def write_spec(tmp_path, corpus_dir, workers: str, batch=4, steps=8, lr=3e-3):
+def write_spec(tmp_path, corpus_dir, resources: str, batch=4, steps=8, lr=3e-3):
     path = tmp_path / "mixed.yaml"
-    path.write_text(textwrap.dedent(SPEC.format(corpus=corpus_dir, workers=workers, batch=batch,
-                                                tokens=64 * batch * steps, lr=lr)))  # fmt: skip
+    path.write_text(textwrap.dedent(SPEC.format(corpus=corpus_dir, resources=resources,
+                                                batch=batch, tokens=64 * batch * steps,
+                                                lr=lr)))  # fmt: skip
     return path
 
 
 def test_study_mixes_data_parallel_and_single_trials(tmp_path, corpus_dir, local_ray, capsys):
     # d_model 32 and 48 have 28K and 56K parameters: one worker each; d_model 64 has 93K
-    # and takes two.
-    path = write_spec(tmp_path, corpus_dir, "{80K: 2, 1M: 8}")
+    # and takes two, sharded. The 48 would be sharded too, but it runs on one worker.
+    path = write_spec(tmp_path, corpus_dir, "{workers: {80K: 2, 1M: 8}, shard_from: 50K}")
     spec, trials = load_spec(path)
     assert [spec.resources.workers_for(t) for t in trials] == [1, 1, 2]
     options = StudyOptions(results_dir=tmp_path / "results", device="cpu")
@@ -107,12 +127,14 @@ def test_study_mixes_data_parallel_and_single_trials(tmp_path, corpus_dir, local
     client = MlflowClient(options.uri())
     runs = [client.get_run(row["run_id"]) for row in rows]
     assert [run.data.tags["hybridscale.workers"] for run in runs] == ["1", "1", "2"]
+    assert [run.data.tags["hybridscale.sharded"] for run in runs] == ["False", "False", "True"]
     assert all(run.data.metrics["tokens"] == 64 * 4 * 8 for run in runs)  # whole budgets
 
     # A huge learning rate: both ranks of the 2-worker trial see the same global loss blow
     # up and end together, as one worker does. More workers than the cluster's 4 CPUs: a
     # clear failure at once, not a wait.
-    path = write_spec(tmp_path, corpus_dir, "{50K: 2, 80K: 8}", batch=8, steps=6, lr=50.0)
+    path = write_spec(tmp_path, corpus_dir, "{workers: {50K: 2, 80K: 8}}", batch=8, steps=6,
+                      lr=50.0)  # fmt: skip
     spec, trials = load_spec(path)
     rows = run_study(spec, trials, options)
     assert [r["status"] for r in rows] == ["diverged", "diverged", "failed"], rows
@@ -124,8 +146,8 @@ def test_study_mixes_data_parallel_and_single_trials(tmp_path, corpus_dir, local
 def test_bad_workers_are_spec_errors(tmp_path, corpus_dir):
     with pytest.raises(SpecError, match=r"resources\.workers: trial \w+ has batch_size 4, "
                                         r"not a multiple of its 3 workers"):  # fmt: skip
-        load_spec(write_spec(tmp_path, corpus_dir, "3"))
+        load_spec(write_spec(tmp_path, corpus_dir, "{workers: 3}"))
     with pytest.raises(SpecError, match=r"resources\.workers: 0: give a number of workers >= 1"):
-        load_spec(write_spec(tmp_path, corpus_dir, "0"))
+        load_spec(write_spec(tmp_path, corpus_dir, "{workers: 0}"))
     with pytest.raises(SpecError, match=r"resources\.workers\.lots\.\[key\]: 'lots' is not a"):
-        load_spec(write_spec(tmp_path, corpus_dir, "{lots: 2}"))
+        load_spec(write_spec(tmp_path, corpus_dir, "{workers: {lots: 2}}"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from arch.accounting import param_counts
-from runners.spec import SpecError, load_spec
+from runners.spec import Resources, SpecError, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -216,3 +216,15 @@ def test_tokens_per_param_resolves_against_counted_params(tmp_path):
     spec = "name: t\nmodel: {preset: tiny}\ntraining: {tokens_per_param: 20}\n"
     _, (trial,) = load_spec(write(tmp_path, spec))
     assert trial.tokens == round(20 * param_counts(trial.model)["total"])
+
+
+def test_shard_from_picks_trials_by_size(tmp_path):
+    # GOOD's patterns MMMM, MM*- and M**- have 129.6K, 122.5K and 110.8K parameters.
+    spec, trials = load_spec(write(tmp_path, GOOD + "resources: {workers: 2, shard_from: 120K}\n"))
+    assert spec.resources.shard_from == 120_000
+    assert [spec.resources.shards(t) for t in trials[::2]] == [True, True, False]
+    assert not any(map(Resources().shards, trials))  # by default, data-parallel trials use DDP
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, GOOD + "resources: {shard_from: lots}\n"))
+    assert "\n" not in str(err.value)
+    assert "resources.shard_from: 'lots' is not a count" in str(err.value)
