@@ -22,6 +22,7 @@ from arch.config import ModelConfig
 from arch.model import HybridLM
 from runners.train import peak_flops
 
+DEFAULT_MODELS = ["nanogpt", "transformer", "mamba2", "hybrid"]
 SHAPES = {"125m": (768, 12, 24), "350m": (1024, 16, 48)}  # d_model, heads, Transformer layers
 
 
@@ -53,9 +54,16 @@ def baseline(size: str) -> GPT:
 
 
 def builds(size: str) -> dict:
-    """Model constructors by name: the nanoGPT-style baseline, then ours (``configs``)."""
+    """Model constructors by name: the nanoGPT-style baseline, ours (``configs``), and
+    ours with Mamba layers on the PyTorch reference path instead of the Triton kernels
+    ("<name>_torch": asked for by --models only, as they are slow)."""
     models = {"nanogpt": lambda: baseline(size)}
-    return models | {name: lambda c=c: HybridLM(c) for name, c in configs(size).items()}
+    for name, c in configs(size).items():
+        models[name] = lambda c=c: HybridLM(c)
+        if "M" in c.pattern:
+            torch_path = c.model_copy(update={"ssd_impl": "torch"})
+            models[f"{name}_torch"] = lambda c=torch_path: HybridLM(c)
+    return models
 
 
 def train_step(model: torch.nn.Module, batch: int, seq_len: int, compile: bool):
@@ -136,7 +144,8 @@ def model_params(model: torch.nn.Module) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", nargs="+", default=["125m"])
-    parser.add_argument("--models", nargs="+", help="a subset of nanogpt transformer mamba2 hybrid")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
+                        help="any of nanogpt transformer mamba2 hybrid mamba2_torch hybrid_torch")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=20)
@@ -149,13 +158,13 @@ def main() -> None:
     for size in args.sizes:
         rates = {}
         for name, build in builds(size).items():
-            if args.models and name not in args.models:
+            if name not in args.models:
                 continue
             r = measure_robustly(name, build, args.batch, args.seq_len, args.steps, compile)
             rates[name] = r.get("tokens_per_s")
             r = {"size": size, "model": name, **r}
-            for ref in ("nanogpt", "transformer"):
-                if r.get("tokens_per_s") and rates.get(ref):
+            for ref in ("nanogpt", "transformer", name.removesuffix("_torch")):
+                if r.get("tokens_per_s") and rates.get(ref) and ref != name:
                     r[f"vs_{ref}"] = r["tokens_per_s"] / rates[ref]
             print(json.dumps(r), flush=True)
             results.append(r)
