@@ -8,10 +8,11 @@ Needs a machine with at least 2 GPUs. Two measurements, side by side in one run:
    is the median over the steps after warm-up, read back from each run's MLflow metrics.
    Target: 2 GPUs >= 1.8x one.
 2. A mixed study through the real scheduler: three 350M trials on 2 GPUs each and three
-   small trials on shares of a GPU (1M tokens each), sampling nvidia-smi every second.
+   small trials on shares of a GPU (--tokens each), sampling nvidia-smi every second.
    Reports each GPU's mean utilisation and the share of samples it sat idle (< 5%).
 
-    python bench/data_parallel.py [--steps 30] [--shard] [--out FILE]
+    python bench/data_parallel.py [--steps 30] [--shard] [--measure scaling mixed]
+                                  [--tokens 8M] [--out FILE]
 
 ``--shard``: the data-parallel trials shard weights, gradients and Adam moments (FSDP)
 instead of replicating them (DDP), in both measurements; the one-GPU run is the same.
@@ -74,7 +75,7 @@ name: mixed
 model: {{d_model: 256, n_layers: 8, n_heads: 8, attention_ratio: 0.125, mlp_ratio: 0.5,
          d_state: 64, ssm_headdim: 64, vocab_size: 264}}
 data: {{seq_len: {seq_len}}}
-training: {{tokens: 1M, batch_size: {batch}, micro_batch_size: {micro}, lr: 1.0e-3}}
+training: {{tokens: {tokens}, batch_size: {batch}, micro_batch_size: {micro}, lr: 1.0e-3}}
 sweep:
   size: [{{d_model: 1024, n_layers: 48, n_heads: 16, d_state: 128}}, {{d_model: 256}}]
   seed: [0, 1, 2]
@@ -82,23 +83,38 @@ resources: {{workers: {{100M: 2}}, shard_from: {shard_from}}}  # 350M trials: 2 
 """
 
 
-def mixed_study(folder: Path, shard: bool) -> dict:
+def phases(client: MlflowClient, run_id: str) -> dict:
+    """Seconds a trial spent before its first logged step (model, data, compiling, the
+    first steps), between its first and last logged steps, and after (evaluation,
+    artifacts), from its MLflow run. Worker start-up before the run opens is not in it."""
+    run = client.get_run(run_id)
+    steps = sorted(m.timestamp for m in client.get_metric_history(run_id, "grad_norm"))
+    return {"setup_s": (steps[0] - run.info.start_time) / 1000,
+            "train_s": (steps[-1] - steps[0]) / 1000,
+            "wind_down_s": (run.info.end_time - steps[-1]) / 1000}  # fmt: skip
+
+
+def mixed_study(folder: Path, shard: bool, tokens: str) -> dict:
     path = folder / "mixed.yaml"
     shard_from = "100M" if shard else "null"
-    text = MIXED.format(seq_len=SEQ_LEN, batch=BATCH, micro=MICRO, shard_from=shard_from)
+    text = MIXED.format(seq_len=SEQ_LEN, batch=BATCH, micro=MICRO, shard_from=shard_from,
+                        tokens=tokens)  # fmt: skip
     path.write_text(textwrap.dedent(text))
     spec, trials = load_spec(path)
+    options = StudyOptions(results_dir=folder / "results")
     start = time.time()
     with GpuSampler() as sampler:
-        rows = run_study(spec, trials, StudyOptions(results_dir=folder / "results"))
+        rows = run_study(spec, trials, options)
+    client = MlflowClient(options.uri())
     per_gpu = list(zip(*sampler.samples, strict=True))
     return {
-        "measure": "mixed_study", "trials": len(rows),
+        "measure": "mixed_study", "trials": len(rows), "tokens_per_trial": tokens,
         "finished": sum(r["status"] == "finished" for r in rows),
         "data_parallel_trials": sum(spec.resources.workers_for(t) > 1 for t in trials),
         "wall_s": time.time() - start,
         "gpu_util_mean": [statistics.mean(g) for g in per_gpu],
         "gpu_idle_share": [sum(u < 5 for u in g) / len(g) for g in per_gpu],
+        "trial_phases": {r["trial_id"]: phases(client, r["run_id"]) for r in rows if r["run_id"]},
     }  # fmt: skip
 
 
@@ -106,6 +122,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30, help="steps per scaling measurement")
     parser.add_argument("--shard", action="store_true", help="FSDP instead of DDP")
+    parser.add_argument(
+        "--measure",
+        nargs="+",
+        choices=["scaling", "mixed"],
+        default=["scaling", "mixed"],
+        help="run one part alone (time limits)",
+    )
+    parser.add_argument(
+        "--tokens",
+        default="8M",
+        help="tokens per trial of the mixed study: enough that training, not "
+        "start-up, fills the GPUs (1M trials train ~12 s after ~50 s of it)",
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     gpus = torch.cuda.device_count()
@@ -115,21 +144,28 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        one, two = (scaling(folder, n, args.steps, args.shard) for n in (1, 2))
-        two["speedup"] = two["tokens_per_s"] / one["tokens_per_s"]
-        results += [one, two, mixed_study(folder, args.shard)]
+        if "scaling" in args.measure:
+            one, two = (scaling(folder, n, args.steps, args.shard) for n in (1, 2))
+            two["speedup"] = two["tokens_per_s"] / one["tokens_per_s"]
+            results += [one, two]
+        if "mixed" in args.measure:
+            results.append(mixed_study(folder, args.shard, args.tokens))
     for row in results:
         print(json.dumps(row), flush=True)
-    print(f"\n| GPUs | tokens/s | MFU | peak GB | speedup |\n|---|---|---|---|---|\n"
-          f"| 1 | {one['tokens_per_s']:,.0f} | {one['mfu'] or 0:.3f} "
-          f"| {one['peak_memory_gb']:.1f} | 1.00 |\n"
-          f"| 2 ({'FSDP' if args.shard else 'DDP'}) | {two['tokens_per_s']:,.0f} "
-          f"| {two['mfu'] or 0:.3f} | {two['peak_memory_gb']:.1f} | {two['speedup']:.2f} "
-          f"(target >= 1.8) |")  # fmt: skip
-    mixed = results[2]
-    print(f"\nmixed study: {mixed['finished']}/{mixed['trials']} finished in "
-          f"{mixed['wall_s']:.0f}s; GPU utilisation {mixed['gpu_util_mean']}, "
-          f"idle share {mixed['gpu_idle_share']}")  # fmt: skip
+    if "scaling" in args.measure:
+        print(f"\n| GPUs | tokens/s | MFU | peak GB | speedup |\n|---|---|---|---|---|\n"
+              f"| 1 | {one['tokens_per_s']:,.0f} | {one['mfu'] or 0:.3f} "
+              f"| {one['peak_memory_gb']:.1f} | 1.00 |\n"
+              f"| 2 ({'FSDP' if args.shard else 'DDP'}) | {two['tokens_per_s']:,.0f} "
+              f"| {two['mfu'] or 0:.3f} | {two['peak_memory_gb']:.1f} | {two['speedup']:.2f} "
+              f"(target >= 1.8) |")  # fmt: skip
+    if "mixed" in args.measure:
+        mixed = results[-1]
+        print(f"\nmixed study: {mixed['finished']}/{mixed['trials']} finished in "
+              f"{mixed['wall_s']:.0f}s; GPU utilisation {mixed['gpu_util_mean']}, "
+              f"idle share {mixed['gpu_idle_share']}")  # fmt: skip
+        for trial, times in mixed["trial_phases"].items():
+            print(f"  {trial}: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 

@@ -144,8 +144,12 @@ def model_params(model: torch.nn.Module) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", nargs="+", default=["125m"])
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
-                        help="any of nanogpt transformer mamba2 hybrid mamba2_torch hybrid_torch")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=DEFAULT_MODELS,
+        help="any of nanogpt transformer mamba2 hybrid mamba2_torch hybrid_torch",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=20)
