@@ -4,7 +4,7 @@ Same maths and argument conventions as ``arch.ssd.ssd_chunked`` (see there). Per
 with a_i the running sum of dt*A inside a chunk (a "log decay", never increasing):
 
     forward   dt (bias, softplus) and a, per chunk                 _dt_cumsum_fwd
-              C_i.B_s for every pair in a chunk, per group          torch (fp32 matmul)
+              C_i.B_s for every pair in a chunk, per group          _chunk_cb
               each chunk's own state                                _chunk_outer
               states passed across chunks (sequential)              _state_passing_fwd
               outputs: inside the chunk + entering state, D, z     _chunk_scan_fwd
@@ -13,7 +13,7 @@ with a_i the running sum of dt*A inside a chunk (a "log decay", never increasing
                                                                     _state_passing_bwd
               dx, dt (but for the decays), dD                       _chunk_scan_bwd_dx
               d(C_i.B_s) per group, then dB, dC from it             _chunk_scan_bwd_dcb,
-                                                                    torch (fp32 matmul)
+                                                                    _chunk_cb_bwd
               dC through entering states, dB through own states     _state_grad
               dt, dA and dt_bias through the decays                 _dt_cumsum_bwd
     The gradient of the decays is never a difference of near-equal sums, as bf16's rounding
@@ -31,7 +31,6 @@ summed with fp32 atomics: bitwise reproducible only up to the order of those sum
 """
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -64,6 +63,8 @@ _ROWS = _configs([{"BM": 64, "BK": 64}, {"BM": 64, "BK": 32}, {"BM": 128, "BK": 
                   {"BM": 128, "BK": 32}])  # fmt: skip
 _OUTER = _configs([{"BP": 64, "BN": 64, "BK": 64}, {"BP": 64, "BN": 128, "BK": 64},
                    {"BP": 32, "BN": 64, "BK": 64}, {"BP": 64, "BN": 64, "BK": 32}])  # fmt: skip
+_PAIRS = _configs([{"BM": 64, "BN": 64, "BK": 64}, {"BM": 128, "BN": 64, "BK": 64},
+                   {"BM": 64, "BN": 128, "BK": 64}, {"BM": 64, "BN": 64, "BK": 32}])  # fmt: skip
 _SPLIT_TILES = _configs([{"BM": 64, "BK": 64, "HEADS": h} for h in (4, 8, 16, 32)]
                         + [{"BM": 128, "BK": 64, "HEADS": 8}], stages=(2,))  # fmt: skip
 _SPLIT_ROWS = _configs(
@@ -219,6 +220,75 @@ def _chunk_outer(
         acc += _dot(u * scale[None, :], v, v.dtype, PREC)
     out = (((b * NC + c) * H + h) * P + p[:, None]) * N + n[None, :]
     tl.store(out_ptr + out, acc, mask=(p[:, None] < P) & (n[None, :] < N))
+
+
+# ---------------------------------------------------------------------------------------
+# C_i.B_s for the pairs of a chunk, per group: (b, chunks, g, Q, Q) fp32, zero above the
+# diagonal (s > i), which no kernel reads unmasked. In a kernel rather than a torch matmul
+# because that one needs fp32 copies of B and C (no bf16 x bf16 -> fp32 product on every
+# backend) and runs off the tensor cores: with 8 groups it cost more than the scan itself.
+
+
+@_tune(_PAIRS, {"BM": 16, "BN": 16, "BK": 16}, key=("Q", "N"))
+@triton.jit
+def _chunk_cb(
+    C_ptr, B_ptr, cb_ptr, L, G, NC, Q, N, s_C_b, s_C_t, s_B_b, s_B_t,
+    PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    bcg = tl.program_id(0).to(tl.int64)
+    b, c, g = bcg // (NC * G), (bcg // G) % NC, bcg % G
+    i0, s0 = tl.program_id(1) * BM, tl.program_id(2) * BN
+    i, s = i0 + tl.arange(0, BM), s0 + tl.arange(0, BN)
+    t_i, t_s = c * Q + i, c * Q + s
+    ok_i, ok_s = (i < Q) & (t_i < L), (s < Q) & (t_s < L)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, tl.where(s0 < i0 + BM, N, 0), BK):  # tiles above the diagonal: 0
+        k = k0 + tl.arange(0, BK)
+        Ci = tl.load(C_ptr + b * s_C_b + t_i[:, None] * s_C_t + g * N + k[None, :],
+                     mask=ok_i[:, None] & (k[None, :] < N), other=0.0)  # fmt: skip
+        BsT = tl.load(B_ptr + b * s_B_b + t_s[None, :] * s_B_t + g * N + k[:, None],
+                      mask=ok_s[None, :] & (k[:, None] < N), other=0.0)  # fmt: skip
+        acc += _dot(Ci, BsT, Ci.dtype, PREC)
+    acc = tl.where(s[None, :] <= i[:, None], acc, 0.0)
+    out = bcg * Q * Q + i[:, None] * Q + s[None, :]
+    tl.store(cb_ptr + out, acc, mask=(i[:, None] < Q) & (s[None, :] < Q))
+
+
+@_tune(_PAIRS, {"BM": 16, "BN": 16, "BK": 16}, key=("Q", "N", "TRANS"))
+@triton.jit
+def _chunk_cb_bwd(
+    dcb_ptr, v_ptr, out_ptr, L, G, NC, Q, N, s_v_b, s_v_t,
+    TRANS: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Adds to out (b, L, g, N) fp32, for a block of BM positions r of a chunk, the sum
+    over the chunk's positions k of dcb[r, k] v_k (dC, with v = B) or, with TRANS,
+    dcb[k, r] v_k (dB, with v = C), dcb rounded to v's dtype as mamba_ssm does. dcb is
+    zero above the diagonal, so the sum runs over k <= r, or k >= r."""
+    bcg = tl.program_id(0).to(tl.int64)
+    b, c, g = bcg // (NC * G), (bcg // G) % NC, bcg % G
+    r0 = tl.program_id(1) * BM
+    r, n = r0 + tl.arange(0, BM), tl.program_id(2) * BN + tl.arange(0, BN)
+    t_r = c * Q + r
+    ok_r = (r < Q) & (t_r < L)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    start = (r0 // BK) * BK if TRANS else 0
+    stop = Q if TRANS else tl.minimum(r0 + BM, Q)
+    for k0 in range(start, stop, BK):
+        k = k0 + tl.arange(0, BK)
+        if TRANS:
+            m = tl.load(dcb_ptr + bcg * Q * Q + k[None, :] * Q + r[:, None],
+                        mask=(r[:, None] < Q) & (k[None, :] < Q), other=0.0)  # fmt: skip
+        else:
+            m = tl.load(dcb_ptr + bcg * Q * Q + r[:, None] * Q + k[None, :],
+                        mask=(r[:, None] < Q) & (k[None, :] < Q), other=0.0)  # fmt: skip
+        t_k = c * Q + k
+        v = tl.load(v_ptr + b * s_v_b + t_k[:, None] * s_v_t + g * N + n[None, :],
+                    mask=((k < Q) & (t_k < L))[:, None] & (n[None, :] < N), other=0.0)  # fmt: skip
+        acc += _dot(m, v, v.dtype, PREC)
+    o = ((b * L + t_r[:, None]) * G + g) * N + n[None, :]
+    io = ok_r[:, None] & (n[None, :] < N)
+    tl.store(out_ptr + o, tl.load(out_ptr + o, mask=io, other=0.0) + acc, mask=io)
 
 
 # ---------------------------------------------------------------------------------------
@@ -537,17 +607,6 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _chunks(t: Tensor, Q: int) -> Tensor:
-    """(b, L, g, n) -> (b, chunks, g, Q, n) fp32, the tail padded with zeros."""
-    b, L, g, n = t.shape
-    return F.pad(t.float(), (0, 0, 0, 0, 0, (-L) % Q)).view(b, -1, Q, g, n).transpose(2, 3)
-
-
-def _unchunk(t: Tensor, L: int) -> Tensor:
-    """(b, chunks, g, Q, n) -> (b, L, g, n)."""
-    return t.transpose(2, 3).flatten(1, 2)[:, :L]
-
-
 class _Shape:
     def __init__(self, x: Tensor, B: Tensor, Q: int) -> None:
         self.b, self.L, self.H, self.P = x.shape
@@ -592,8 +651,13 @@ def _forward(x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, init):
         dt, dt_bias, A, dtp, a, s.L, s.H, s.NC, s.Q, dt.stride(0), dt.stride(1),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, BH=s.BH, BQ=s.BQ,
     )  # fmt: skip
-    # C_i.B_s is shared by a group's heads: once here rather than per head in a kernel.
-    cb = _chunks(C, s.Q) @ _chunks(B, s.Q).transpose(-1, -2)  # (b, chunks, g, Q, Q)
+    # C_i.B_s is shared by a group's heads: once per group rather than per head.
+    cb = torch.empty(s.b, s.NC, s.G, s.Q, s.Q, device=dev, dtype=f32)
+    _chunk_cb[lambda meta: (s.b * s.NC * s.G, triton.cdiv(s.Q, meta["BM"]),
+                            triton.cdiv(s.Q, meta["BN"]))](
+        C, B, cb, s.L, s.G, s.NC, s.Q, s.N, C.stride(0), C.stride(1), B.stride(0), B.stride(1),
+        PREC=s.prec,
+    )  # fmt: skip
     states = _chunk_outer_call(x, B, dtp, a, s, state=True)
     final = torch.empty(s.b, s.H, s.P, s.N, device=dev, dtype=f32)
     block = min(1024, triton.next_power_of_2(s.P * s.N))
@@ -671,8 +735,13 @@ def _backward(dout, dfinal, x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, 
             u, v, m, dtp, a, out, da_off, *s.dims(), u.stride(0), u.stride(1),
             v.stride(0), v.stride(1), ENTERING=entering, PREC=s.prec, BP=s.BP, BN=s.BN,
         )  # fmt: skip
-    grads["C"] = (dC_off + _unchunk(dcb @ _chunks(B, s.Q), s.L)).to(C.dtype)
-    grads["B"] = (dB_own + _unchunk(dcb.transpose(-1, -2) @ _chunks(C, s.Q), s.L)).to(B.dtype)
+    for out, v, trans in ((dC_off, B, False), (dB_own, C, True)):
+        _chunk_cb_bwd[lambda meta: (s.b * s.NC * s.G, triton.cdiv(s.Q, meta["BM"]),
+                                    triton.cdiv(s.N, meta["BN"]))](
+            dcb, v, out, s.L, s.G, s.NC, s.Q, s.N, v.stride(0), v.stride(1), TRANS=trans,
+            PREC=s.prec,
+        )  # fmt: skip
+    grads["C"], grads["B"] = dC_off.to(C.dtype), dB_own.to(B.dtype)
 
     # dt and A, through the decays.
     ddt_out = torch.empty(s.b, s.L, s.H, device=dev, dtype=f32)
