@@ -86,9 +86,12 @@ resources: {{workers: {{100M: 2}}, shard_from: {shard_from}}}  # 350M trials: 2 
 def phases(client: MlflowClient, run_id: str) -> dict:
     """Seconds a trial spent before its first logged step (model, data, compiling, the
     first steps), between its first and last logged steps, and after (evaluation,
-    artifacts), from its MLflow run. Worker start-up before the run opens is not in it."""
+    artifacts), from its MLflow run. Worker start-up before the run opens is not in it;
+    a run that logged no step (it failed first) has none."""
     run = client.get_run(run_id)
     steps = sorted(m.timestamp for m in client.get_metric_history(run_id, "grad_norm"))
+    if not steps or run.info.end_time is None:
+        return {}
     return {"setup_s": (steps[0] - run.info.start_time) / 1000,
             "train_s": (steps[-1] - steps[0]) / 1000,
             "wind_down_s": (run.info.end_time - steps[-1]) / 1000}  # fmt: skip
