@@ -59,13 +59,14 @@ def _configs(blocks: list[dict], stages=(2, 3)) -> list[triton.Config]:
 
 
 # Block sizes to try on Hopper (chunks of 64 to 256 positions, headdim 64, d_state 128).
+# The row kernels' best configs on an H100 used the most stages offered (3): 4 is offered.
 _ROWS = _configs([{"BM": 64, "BK": 64}, {"BM": 64, "BK": 32}, {"BM": 128, "BK": 64},
-                  {"BM": 128, "BK": 32}])  # fmt: skip
+                  {"BM": 128, "BK": 32}], stages=(2, 3, 4))  # fmt: skip
 _OUTER = _configs([{"BP": 64, "BN": 64, "BK": 64}, {"BP": 64, "BN": 128, "BK": 64},
                    {"BP": 32, "BN": 64, "BK": 64}, {"BP": 64, "BN": 64, "BK": 32}])  # fmt: skip
 _PAIRS = _configs([{"BM": 64, "BN": 64, "BK": 64}, {"BM": 128, "BN": 64, "BK": 64},
                    {"BM": 64, "BN": 128, "BK": 64}, {"BM": 64, "BN": 64, "BK": 32}])  # fmt: skip
-_SPLIT_TILES = _configs([{"BM": 64, "BK": 64, "HEADS": h} for h in (4, 8, 16, 32)]
+_SPLIT_TILES = _configs([{"BM": 64, "BK": 64, "HEADS": h} for h in (4, 8, 16, 32, 64)]
                         + [{"BM": 128, "BK": 64, "HEADS": 8}], stages=(2,))  # fmt: skip
 _SPLIT_ROWS = _configs(
     [{"BM": bm, "HEADS": h} for bm, h in ((64, 4), (64, 8), (64, 16), (128, 8), (32, 8))],
@@ -230,7 +231,7 @@ def _chunk_outer(
 # likely cause of 8 groups' 1.6x forward time on an H100 (bench/RESULTS.md; not re-timed).
 
 
-@_tune(_PAIRS, {"BM": 16, "BN": 16, "BK": 16}, key=("Q", "N"))
+@_tune(_PAIRS, {"BM": 16, "BN": 16, "BK": 16}, key=("Q", "N", "G"))  # G: work per launch
 @triton.jit
 def _chunk_cb(
     C_ptr, B_ptr, cb_ptr, L, G, NC, Q, N, s_C_b, s_C_t, s_B_b, s_B_t,
@@ -255,7 +256,7 @@ def _chunk_cb(
     tl.store(cb_ptr + out, acc, mask=(i[:, None] < Q) & (s[None, :] < Q))
 
 
-@_tune(_PAIRS, {"BM": 16, "BN": 16, "BK": 16}, key=("Q", "N", "TRANS"))
+@_tune(_PAIRS, {"BM": 16, "BN": 16, "BK": 16}, key=("Q", "N", "G", "TRANS"))
 @triton.jit
 def _chunk_cb_bwd(
     dcb_ptr, v_ptr, out_ptr, L, G, NC, Q, N, s_v_b, s_v_t,
@@ -294,8 +295,14 @@ def _chunk_cb_bwd(
 
 # ---------------------------------------------------------------------------------------
 # Across chunks, in place: states[k] (chunk k's own) becomes the state entering chunk k.
+# The loop over chunks is sequential and bound by memory latency, so each iteration loads
+# the next chunk's operands before it stores: the loads are in flight meanwhile.
+
+_PASSING = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in
+            ((1024, 4), (1024, 8), (512, 4), (2048, 8), (256, 2))]  # fmt: skip
 
 
+@_tune(_PASSING, {"BLOCK": 16}, key=("NC", "PN"), restore_value=["states_ptr"])
 @triton.jit
 def _state_passing_fwd(
     states_ptr, a_ptr, init_ptr, final_ptr, H, NC, Q, PN,
@@ -304,45 +311,56 @@ def _state_passing_fwd(
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < PN
     if HAS_INIT:
-        s = tl.load(init_ptr + bh * PN + i, mask=i < PN).to(tl.float32)
+        s = tl.load(init_ptr + bh * PN + i, mask=ok).to(tl.float32)
     else:
         s = tl.zeros((BLOCK,), dtype=tl.float32)
+    own = tl.load(states_ptr + (b * NC * H + h) * PN + i, mask=ok)
+    decay = tl.exp(tl.load(a_ptr + bh * NC * Q + Q - 1))
     for c in range(NC):
-        ptr = states_ptr + ((b * NC + c) * H + h) * PN + i
-        own = tl.load(ptr, mask=i < PN)
-        tl.store(ptr, s, mask=i < PN)
-        s = tl.exp(tl.load(a_ptr + (bh * NC + c) * Q + Q - 1)) * s + own
-    tl.store(final_ptr + bh * PN + i, s, mask=i < PN)
+        ahead = tl.minimum(c + 1, NC - 1)  # the last chunk loads itself again, unused
+        next_own = tl.load(states_ptr + ((b * NC + ahead) * H + h) * PN + i, mask=ok)
+        next_decay = tl.exp(tl.load(a_ptr + (bh * NC + ahead) * Q + Q - 1))
+        tl.store(states_ptr + ((b * NC + c) * H + h) * PN + i, s, mask=ok)
+        s = decay * s + own
+        own, decay = next_own, next_decay
+    tl.store(final_ptr + bh * PN + i, s, mask=ok)
 
 
+@_tune(_PASSING, {"BLOCK": 16}, key=("NC", "PN"), restore_value=["dstates_ptr", "da_end_ptr"])
 @triton.jit
 def _state_passing_bwd(
     dstates_ptr, states_ptr, dfinal_ptr, a_ptr, dinit_ptr, da_end_ptr,
     H, NC, Q, PN, HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """dstates[k] holds d(loss)/d(entering state k) from chunk k's outputs; it leaves with
-    the gradient of chunk k's own state. Also, per block, the entering state's share of
-    d(loss)/d(a_end of chunk k) (the own state's is taken in _dt_cumsum_bwd)."""
+    the gradient of chunk k's own state. Also adds to da_end[k] (zeroed) the entering
+    state's share of d(loss)/d(a_end of chunk k) (the own state's: _dt_cumsum_bwd)."""
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
-    blk = tl.program_id(1)
-    i = blk * BLOCK + tl.arange(0, BLOCK)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < PN
     if HAS_DFINAL:
-        ds = tl.load(dfinal_ptr + bh * PN + i, mask=i < PN, other=0.0).to(tl.float32)
+        ds = tl.load(dfinal_ptr + bh * PN + i, mask=ok, other=0.0).to(tl.float32)
     else:
         ds = tl.zeros((BLOCK,), dtype=tl.float32)
+    last = ((b * NC + NC - 1) * H + h) * PN + i
+    entering = tl.load(states_ptr + last, mask=ok, other=0.0)
+    direct = tl.load(dstates_ptr + last, mask=ok, other=0.0)
+    decay = tl.exp(tl.load(a_ptr + (bh * NC + NC - 1) * Q + Q - 1))
     for k in range(NC - 1, -1, -1):
         # the state after chunk k is exp(a_end) entering_k + own_k
-        decay = tl.exp(tl.load(a_ptr + (bh * NC + k) * Q + Q - 1))
-        ptr = ((b * NC + k) * H + h) * PN + i
-        entering = tl.load(states_ptr + ptr, mask=i < PN, other=0.0)
-        tl.store(da_end_ptr + ((bh * NC + k) * tl.num_programs(1) + blk),
-                 decay * tl.sum(ds * entering))  # fmt: skip
-        direct = tl.load(dstates_ptr + ptr, mask=i < PN, other=0.0)
-        tl.store(dstates_ptr + ptr, ds, mask=i < PN)
+        ahead = tl.maximum(k - 1, 0)  # chunk 0 loads itself again, unused
+        at_ahead = ((b * NC + ahead) * H + h) * PN + i
+        next_entering = tl.load(states_ptr + at_ahead, mask=ok, other=0.0)
+        next_direct = tl.load(dstates_ptr + at_ahead, mask=ok, other=0.0)
+        next_decay = tl.exp(tl.load(a_ptr + (bh * NC + ahead) * Q + Q - 1))
+        tl.atomic_add(da_end_ptr + bh * NC + k, decay * tl.sum(ds * entering))
+        tl.store(dstates_ptr + ((b * NC + k) * H + h) * PN + i, ds, mask=ok)
         ds = direct + decay * ds
-    tl.store(dinit_ptr + bh * PN + i, ds, mask=i < PN)
+        entering, direct, decay = next_entering, next_direct, next_decay
+    tl.store(dinit_ptr + bh * PN + i, ds, mask=ok)
 
 
 # ---------------------------------------------------------------------------------------
@@ -661,9 +679,8 @@ def _forward(x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, init):
     )  # fmt: skip
     states = _chunk_outer_call(x, B, dtp, a, s, state=True)
     final = torch.empty(s.b, s.H, s.P, s.N, device=dev, dtype=f32)
-    block = min(1024, triton.next_power_of_2(s.P * s.N))
-    _state_passing_fwd[(s.b * s.H, triton.cdiv(s.P * s.N, block))](
-        states, a, init, final, s.H, s.NC, s.Q, s.P * s.N, HAS_INIT=init is not None, BLOCK=block
+    _state_passing_fwd[lambda meta: (s.b * s.H, triton.cdiv(s.P * s.N, meta["BLOCK"]))](
+        states, a, init, final, s.H, s.NC, s.Q, s.P * s.N, HAS_INIT=init is not None
     )
     out = torch.empty(s.b, s.L, s.H, s.P, device=dev, dtype=x.dtype)
     ypre = torch.empty_like(out) if z is not None else None
@@ -696,12 +713,10 @@ def _backward(dout, dfinal, x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, 
     # Gradients of the states, entering each chunk and then each chunk's own.
     dstates = _chunk_outer_call(dy, C, dtp, a, s, state=False)
     dinit = torch.empty(s.b, s.H, s.P, s.N, device=dev, dtype=f32)
-    block = min(1024, triton.next_power_of_2(s.P * s.N))
-    nblocks = triton.cdiv(s.P * s.N, block)
-    da_end = torch.empty(s.b * s.H, s.NC, nblocks, device=dev, dtype=f32)
-    _state_passing_bwd[(s.b * s.H, nblocks)](
+    da_end = torch.zeros(s.b * s.H, s.NC, device=dev, dtype=f32)
+    _state_passing_bwd[lambda meta: (s.b * s.H, triton.cdiv(s.P * s.N, meta["BLOCK"]))](
         dstates, states, dfinal, a, dinit, da_end, s.H, s.NC, s.Q, s.P * s.N,
-        HAS_DFINAL=dfinal is not None, BLOCK=block,
+        HAS_DFINAL=dfinal is not None,
     )  # fmt: skip
     grads["initial_states"] = dinit
 
@@ -749,7 +764,7 @@ def _backward(dout, dfinal, x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, 
     dA = torch.empty(s.b, s.NC, s.H, device=dev, dtype=f32)
     dbias = torch.empty_like(dA)
     _dt_cumsum_bwd[(s.b, s.NC, triton.cdiv(s.H, s.BH))](
-        dt, dt_bias, A, dtp, ddt, da_own, da_cb, da_off, da_end.sum(-1), ddt_out, dA, dbias,
+        dt, dt_bias, A, dtp, ddt, da_own, da_cb, da_off, da_end, ddt_out, dA, dbias,
         s.L, s.H, s.NC, s.Q, dt.stride(0), dt.stride(1), ddt_out.stride(0), ddt_out.stride(1),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, BH=s.BH, BQ=s.BQ,
     )  # fmt: skip
@@ -829,11 +844,15 @@ def _(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, init
 def _ssd_save(ctx, inputs: tuple, output: tuple) -> None:
     x, dt, A, B, C, ctx.chunk_size, D, z, dt_bias, ctx.softplus, init = inputs
     ctx.mark_non_differentiable(*output[2:])
+    # No zero gradients for the outputs that got none (the final state, unless asked for,
+    # and the intermediates): their zero-fill took 3% of the scan's time on an H100.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, init, *output[2:])
 
 
 def _ssd_grads(ctx, dout: Tensor, dfinal: Tensor | None, *_intermediates) -> tuple:
     x, dt, A, B, C, D, z, dt_bias, init, *saved = ctx.saved_tensors
+    dout = dout if dout is not None else torch.zeros_like(x)  # only the final state used
     grads = _ssd_backward(dout, dfinal, x, dt, A, B, C, ctx.chunk_size, D, z, dt_bias,
                           ctx.softplus, init, *saved)  # fmt: skip
     grads = dict(zip(_GRADS, grads, strict=True))
