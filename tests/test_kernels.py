@@ -17,6 +17,7 @@ under bf16 autocast against its PyTorch path.
 
 import copy
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -322,6 +323,20 @@ def test_ssd_chunked_triton_bf16_on_gpu(seqlen):
     else:  # 1.5x mamba_ssm's error; under 4e-3 (a bf16 ulp), rounding noise
         tol = {k: max(1.5 * err, 4e-3) for k, err in errors(results(baseline), ref).items()}
     assert_matches(ours, ref, tol)
+
+
+@cuda
+def test_autotune_search_leaves_results_intact_on_gpu(tmp_path):
+    """The search runs every config on the call's own tensors, so a kernel that adds to an
+    output needs it reset or restored between runs: one did not, and the first call of
+    each new shape returned dB and dC summed over every config tried. The search runs only
+    on a shape's first call (its choice is cached on disk) and not at all under
+    HYBRIDSCALE_AUTOTUNE=0, so this test searches afresh, in a process with an empty cache."""
+    env = {**os.environ, "HYBRIDSCALE_AUTOTUNE": "1", "TRITON_CACHE_DIR": str(tmp_path)}
+    test = f"{__file__}::test_ssd_chunked_triton_bf16_on_gpu[1000]"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
 
 
 @cuda

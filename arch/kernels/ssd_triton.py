@@ -256,7 +256,9 @@ def _chunk_cb(
     tl.store(cb_ptr + out, acc, mask=(i[:, None] < Q) & (s[None, :] < Q))
 
 
-@_tune(_PAIRS, {"BM": 16, "BN": 16, "BK": 16}, key=("Q", "N", "G", "TRANS"))
+# restore_value: out holds _state_grad's sums, and the search runs every config on it.
+@_tune(_PAIRS, {"BM": 16, "BN": 16, "BK": 16}, key=("Q", "N", "G", "TRANS"),
+       restore_value=["out_ptr"])  # fmt: skip
 @triton.jit
 def _chunk_cb_bwd(
     dcb_ptr, v_ptr, out_ptr, L, G, NC, Q, N, s_v_b, s_v_t,
