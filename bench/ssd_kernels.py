@@ -8,7 +8,7 @@ one decode step (ours, mamba_ssm's ``selective_state_update``, the reference). P
 markdown table; --out writes the rows as JSON.
 
     python bench/ssd_kernels.py [--batch 8] [--seqlens 2048 4096 8192] [--groups 1 8]
-                                [--profile] [--no-extras] [--out FILE]
+                                [--profile] [--no-extras] [--no-reference] [--out FILE]
 
 mamba_ssm's Triton files (state-spaces/mamba, mamba_ssm/ops/triton + the two small utils
 they import, and einops) live in the git-ignored .vendor/, put there by hand; they need no
@@ -134,11 +134,9 @@ def bench_scan(args) -> list[dict]:
     def scan(fn):
         return partial(fn, chunk_size=args.chunk, dt_softplus=True)
 
-    impls = {
-        BASELINE: scan(mamba_scan),
-        "ours triton": scan(ssd_chunked_triton),
-        "ref torch eager": scan(ssd_chunked),
-    }
+    impls = {BASELINE: scan(mamba_scan), "ours triton": scan(ssd_chunked_triton)}
+    if not args.no_reference:
+        impls["ref torch eager"] = scan(ssd_chunked)
     rows = []
     for groups in args.groups:
         for seqlen in args.seqlens:
@@ -154,17 +152,18 @@ def bench_scan(args) -> list[dict]:
                     row["fwd_gbs"] = nbytes / row["fwd_ms"] / 1e6
                     row["fwd_bwd_gbs"] = 3 * nbytes / row["fwd_bwd_ms"] / 1e6
                 rows.append(row)
-            ours, ref = rows[-2], rows[-1]
-            if "fwd_ms" in ours and "fwd_ms" in ref:
+            ours, ref = rows[-len(impls) + 1], rows[-1]
+            if ref is not ours and "fwd_ms" in ours and "fwd_ms" in ref:
                 ours["ref_over_ours"] = ref["fwd_ms"] / ours["fwd_ms"]
                 ours["ref_over_ours_bwd"] = ref["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
             if args.profile:
-                profile_ours(impls["ours triton"], inputs, f"{op}, seqlen {seqlen}")
+                for name in ("ours triton", BASELINE):
+                    profile(impls[name], inputs, f"{op}, seqlen {seqlen}, {name}")
     return rows
 
 
-def profile_ours(fn, inputs: dict, title: str) -> None:
-    """Our kernels' share of one forward + backward."""
+def profile(fn, inputs: dict, title: str) -> None:
+    """The kernels' share of one forward + backward."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
 
     def fwd_bwd():
@@ -172,7 +171,7 @@ def profile_ours(fn, inputs: dict, title: str) -> None:
 
     fwd_bwd()
     times = kernel_times(fwd_bwd, repeats=5)
-    print(f"# {title}: our forward + backward, {sum(times.values()):.3f} ms of kernels")
+    print(f"# {title}: forward + backward, {sum(times.values()):.3f} ms of kernels")
     for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:14]:
         print(f"#   {ms:7.3f} ms  {name[:90]}")
 
@@ -288,8 +287,9 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dstate", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=256)
-    parser.add_argument("--profile", action="store_true", help="our kernels' times per shape")
+    parser.add_argument("--profile", action="store_true", help="kernel times, ours and baseline")
     parser.add_argument("--no-extras", action="store_true", help="the scan only")
+    parser.add_argument("--no-reference", action="store_true", help="skip the slow reference")
     parser.add_argument("--out")
     args = parser.parse_args()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; batch {args.batch}, "
