@@ -5,10 +5,11 @@ Resumption needs no state of its own: a trial is finished when the store holds a
 finished run with its id; a trial with a checkpoint continues it (and its MLflow run).
 """
 
+import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -23,6 +24,8 @@ from runners.train import TrainOptions, TrialOutcome, train_trial
 
 TRIAL_TAG = "hybridscale.trial_id"
 STUDY_TAG = "hybridscale.study"
+GPU_IDS_TAG = "hybridscale.gpu_ids"  # the GPUs a single-worker trial ran on
+GPU_SHARE_TAG = "hybridscale.gpu_share"  # the share of a GPU it held
 
 
 @dataclass
@@ -84,10 +87,22 @@ def parent_run(client: MlflowClient, uri: str, study: str) -> str:
     ).info.run_id
 
 
+def spread_share(share: float, trials: int, whole_gpus: float) -> float:
+    """The GPU share of each of ``trials`` single-GPU trials about to start on
+    ``whole_gpus`` idle GPUs. Ray places shares first-fit, so trials of an eighth of a GPU
+    would all land on GPU 0 while the others idle; shares of 1/n put n on each GPU, over
+    as many GPUs as it takes. Never below the trial's own ``share``."""
+    per_gpu = max(1, math.ceil(trials / math.floor(whole_gpus)))
+    return max(share, 1 / per_gpu)
+
+
 @ray.remote
 def run_remote(trial: TrialConfig, options: TrainOptions) -> TrialOutcome:
     # NVLink multicast misbehaves on shared GPUs; keep NCCL off it in every worker.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    gpus = ",".join(str(i) for i in ray.get_gpu_ids())  # where Ray put it: on its run
+    if gpus:
+        options = replace(options, tags={**options.tags, GPU_IDS_TAG: gpus})
     return train_trial(trial, options)
 
 
@@ -160,16 +175,20 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
                 progress.failed += 1
                 progress.show(f"{trial.trial_id} failed: {reason}")
 
+        held: dict[str, dict[str, float]] = {}  # what each running trial holds
+
         def submit(trial: TrialConfig) -> None:
             attempts[trial.trial_id] += 1
+            need = held[trial.trial_id]
+            tags = {STUDY_TAG: spec.name, "kind": "trial"}
+            if workers[trial.trial_id] == 1 and need.get("GPU"):
+                tags[GPU_SHARE_TAG] = round(need["GPU"], 4)
             train = TrainOptions(
                 workdir=workdir, tracking_uri=uri, data_dir=options.results_dir / "data",
-                experiment=spec.name, parent_run_id=parent, device=options.device,
-                tags={STUDY_TAG: spec.name, "kind": "trial"},
+                experiment=spec.name, parent_run_id=parent, device=options.device, tags=tags,
                 log_every=10,  # many trials share one store: don't write it every step
                 shard=spec.resources.shards(trial),
             )  # fmt: skip
-            need = demand[trial.trial_id]
             if workers[trial.trial_id] > 1:  # Ray Train places the workers, all at once
                 ref = data_parallel_task.options(max_retries=0).remote(
                     trial, train, workers[trial.trial_id], bool(gpus)
@@ -183,12 +202,23 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
         def start_fitting() -> None:
             """Start every queued trial that fits what no running trial holds. Each trial
             takes all it needs at once, so none waits holding part of it: no deadlock."""
+            # Only single-GPU trials left and every free GPU idle (none shared by a running
+            # trial): they spread over the GPUs rather than pile onto the first. Never while
+            # a larger trial waits, which needs whole GPUs freed, not shares of every GPU.
+            sharing = any(workers[t] == 1 and held[t].get("GPU") for t in held)
+            spread = (free.get("GPU", 0) >= 1 and not sharing
+                      and all(workers[t.trial_id] == 1 for t in queue))  # fmt: skip
+            starting = min(len(queue), int(free["CPU"]))  # a CPU each
+            idle_gpus = free.get("GPU", 0)
             for trial in list(queue):
-                need = demand[trial.trial_id]
+                need = dict(demand[trial.trial_id])
+                if spread and need.get("GPU"):
+                    need["GPU"] = spread_share(need["GPU"], starting, idle_gpus)
                 if all(need[key] <= free[key] + 1e-9 for key in need):
                     queue.remove(trial)
                     for key in need:
                         free[key] -= need[key]
+                    held[trial.trial_id] = need
                     submit(trial)
 
         start_fitting()
@@ -206,7 +236,7 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
                     progress.show(f"{trial.trial_id} {outcome.status} ({outcome.reason}); retrying")
                     submit(trial)  # on the resources it still holds
                     continue
-                for key, value in demand[trial.trial_id].items():
+                for key, value in held.pop(trial.trial_id).items():
                     free[key] += value
                 start_fitting()
                 outcomes[trial.trial_id] = outcome
