@@ -35,7 +35,7 @@ from mlflow.tracking import MlflowClient
 
 from runners.config import TrialConfig
 from runners.distributed import run_data_parallel
-from runners.scheduler import StudyOptions, run_study
+from runners.scheduler import GPU_IDS_TAG, StudyOptions, run_study
 from runners.spec import load_spec
 from runners.train import TrainOptions
 
@@ -84,15 +84,17 @@ resources: {{workers: {{100M: 2}}, shard_from: {shard_from}}}  # 350M trials: 2 
 
 
 def phases(client: MlflowClient, run_id: str) -> dict:
-    """Seconds a trial spent before its first logged step (model, data, compiling, the
-    first steps), between its first and last logged steps, and after (evaluation,
-    artifacts), from its MLflow run. Worker start-up before the run opens is not in it;
-    a run that logged no step (it failed first) has none."""
+    """From a trial's MLflow run: the GPUs it ran on (a single-worker trial's), and the
+    seconds it spent before its first logged step (model, data, compiling, the first
+    steps), between its first and last logged steps, and after (evaluation, artifacts).
+    Worker start-up before the run opens is not in it; a run that logged no step (it
+    failed first) has none."""
     run = client.get_run(run_id)
     steps = sorted(m.timestamp for m in client.get_metric_history(run_id, "grad_norm"))
     if not steps or run.info.end_time is None:
         return {}
-    return {"setup_s": (steps[0] - run.info.start_time) / 1000,
+    return {"gpus": run.data.tags.get(GPU_IDS_TAG, "all its workers'"),
+            "setup_s": (steps[0] - run.info.start_time) / 1000,
             "train_s": (steps[-1] - steps[0]) / 1000,
             "wind_down_s": (run.info.end_time - steps[-1]) / 1000}  # fmt: skip
 
@@ -117,7 +119,7 @@ def mixed_study(folder: Path, shard: bool, tokens: str) -> dict:
         "wall_s": time.time() - start,
         "gpu_util_mean": [statistics.mean(g) for g in per_gpu],
         "gpu_idle_share": [sum(u < 5 for u in g) / len(g) for g in per_gpu],
-        "trial_phases": {r["trial_id"]: phases(client, r["run_id"]) for r in rows if r["run_id"]},
+        "trial_phases": {r["trial"]: phases(client, r["run_id"]) for r in rows if r["run_id"]},
     }  # fmt: skip
 
 
@@ -168,7 +170,8 @@ def main() -> None:
               f"{mixed['wall_s']:.0f}s; GPU utilisation {mixed['gpu_util_mean']}, "
               f"idle share {mixed['gpu_idle_share']}")  # fmt: skip
         for trial, times in mixed["trial_phases"].items():
-            print(f"  {trial}: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+            print(f"  {trial}: " + ", ".join(f"{k} {v}" if k == "gpus" else f"{k} {v:.1f}"
+                                            for k, v in times.items()))  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
