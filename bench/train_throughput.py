@@ -54,15 +54,18 @@ def baseline(size: str) -> GPT:
 
 
 def builds(size: str) -> dict:
-    """Model constructors by name: the nanoGPT-style baseline, ours (``configs``), and
-    ours with Mamba layers on the PyTorch reference path instead of the Triton kernels
-    ("<name>_torch": asked for by --models only, as they are slow)."""
+    """Model constructors by name: the nanoGPT-style baseline, ours (``configs``), and, asked
+    for by --models only: ours with Mamba layers on the PyTorch reference path instead of
+    the Triton kernels ("<name>_torch", slow), and our Transformer without RoPE, as the
+    baseline has no position embedding ("transformer_nope": what RoPE costs)."""
     models = {"nanogpt": lambda: baseline(size)}
     for name, c in configs(size).items():
         models[name] = lambda c=c: HybridLM(c)
         if "M" in c.pattern:
             torch_path = c.model_copy(update={"ssd_impl": "torch"})
             models[f"{name}_torch"] = lambda c=torch_path: HybridLM(c)
+    nope = configs(size)["transformer"].model_copy(update={"rotary_fraction": 0.0})
+    models["transformer_nope"] = lambda: HybridLM(nope)
     return models
 
 
@@ -148,7 +151,7 @@ def main() -> None:
         "--models",
         nargs="+",
         default=DEFAULT_MODELS,
-        help="any of nanogpt transformer mamba2 hybrid mamba2_torch hybrid_torch",
+        help="any of nanogpt transformer mamba2 hybrid mamba2_torch hybrid_torch transformer_nope",
     )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=2048)
