@@ -16,7 +16,9 @@ under bf16 autocast against its PyTorch path.
 """
 
 import copy
+import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -286,6 +288,48 @@ def test_ssd_chunked_triton_bf16_interpreted(shape, chunk):
     ours = results(ssd_chunked_triton)
     assert ours["y"].dtype == torch.bfloat16
     assert_matches(ours, ref, BF16_TOL)
+
+
+def accumulated_args(kernel) -> set[str]:
+    """The pointer arguments an autotuned kernel adds into: atomics, or a load and a store
+    of the same argument (read from its source)."""
+    src = inspect.getsource(kernel.fn.fn)
+    return {a for a in kernel.fn.arg_names if a.endswith("_ptr") and (
+        re.search(rf"tl\.atomic_\w+\(\s*{a}\b", src)
+        or (re.search(rf"tl\.load\(\s*{a}\b", src) and re.search(rf"tl\.store\(\s*{a}\b", src))
+    )}  # fmt: skip
+
+
+def test_autotuned_kernels_reset_or_restore_what_they_add_into():
+    """The search runs every config on the call's own tensors, so a kernel that adds into
+    an argument must name it in reset_to_zero or restore_value: _chunk_cb_bwd did not, and
+    on a GPU the first call of each new shape returned dB and dC summed over every config
+    tried. No search runs here (one config under the interpreter): this reads the source."""
+    from triton.runtime.autotuner import Autotuner
+
+    import arch.kernels.conv
+    import arch.kernels.norm
+    import arch.kernels.ssd_triton
+    import arch.kernels.state_update
+
+    found = {}
+    for module in (arch.kernels.ssd_triton, arch.kernels.conv, arch.kernels.norm,
+                   arch.kernels.state_update):  # fmt: skip
+        for name, kernel in vars(module).items():
+            if isinstance(kernel, Autotuner):
+                found[name] = accumulated_args(kernel)
+                kept = set(kernel.reset_to_zero) | set(kernel.restore_value)
+                assert found[name] <= kept, f"{name} adds into {found[name] - kept} unrestored"
+    # What reading the kernels gives by hand: the rule sees every one that accumulates.
+    assert {name: args for name, args in found.items() if args} == {
+        "_chunk_cb_bwd": {"out_ptr"},
+        "_state_passing_fwd": {"states_ptr"},
+        "_state_passing_bwd": {"dstates_ptr", "da_end_ptr"},
+        "_chunk_scan_bwd_dx": {"dD_ptr"},
+        "_chunk_scan_bwd_dcb": {"dcb_ptr", "da_ptr"},
+        "_state_grad": {"out_ptr"},
+        "_conv_bwd": {"dw_ptr", "dbias_ptr"},
+    }
 
 
 # --- GPU, realistic shapes, bf16 ------------------------------------------------------
