@@ -152,8 +152,9 @@ def bench_scan(args) -> list[dict]:
                     row["fwd_gbs"] = nbytes / row["fwd_ms"] / 1e6
                     row["fwd_bwd_gbs"] = 3 * nbytes / row["fwd_bwd_ms"] / 1e6
                 rows.append(row)
-            ours, ref = rows[-len(impls) + 1], rows[-1]
-            if ref is not ours and "fwd_ms" in ours and "fwd_ms" in ref:
+            shape_rows = {row["impl"]: row for row in rows[-len(impls) :]}
+            ours, ref = shape_rows["ours triton"], shape_rows.get("ref torch eager", {})
+            if "fwd_ms" in ours and "fwd_ms" in ref:
                 ours["ref_over_ours"] = ref["fwd_ms"] / ours["fwd_ms"]
                 ours["ref_over_ours_bwd"] = ref["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
             if args.profile:
