@@ -323,7 +323,6 @@ def test_autotuned_kernels_reset_or_restore_what_they_add_into():
     # What reading the kernels gives by hand: the rule sees every one that accumulates.
     assert {name: args for name, args in found.items() if args} == {
         "_chunk_cb_bwd": {"out_ptr"},
-        "_state_passing_fwd": {"states_ptr"},
         "_state_passing_bwd": {"dstates_ptr", "da_end_ptr"},
         "_chunk_scan_bwd_dx": {"dD_ptr"},
         "_chunk_scan_bwd_dcb": {"dcb_ptr", "da_ptr"},

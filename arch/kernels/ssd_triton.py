@@ -24,7 +24,8 @@ with a_i the running sum of dt*A inside a chunk (a "log decay", never increasing
 
 Inputs are read in place (bf16 or fp32) with their own batch/time strides; matmuls run on
 tensor cores in the input dtype with fp32 accumulation; everything carried between
-kernels (decays, states, gradients of states) is fp32. fp32 inputs use IEEE fp32 dots, so
+kernels (decays, chunks' own states, gradients of states) is fp32, but for the states
+entering the chunks, which are kept in the input dtype. fp32 inputs use IEEE fp32 dots, so
 under TRITON_INTERPRET=1 they match the reference to rounding. Offsets are computed in
 int64, so tensors may pass 2**31 elements. Gradients of B, C, D and of the decays are
 summed with fp32 atomics: bitwise reproducible only up to the order of those sums.
@@ -296,7 +297,9 @@ def _chunk_cb_bwd(
 
 
 # ---------------------------------------------------------------------------------------
-# Across chunks, in place: states[k] (chunk k's own) becomes the state entering chunk k.
+# Across chunks: from the chunks' own states (fp32), the state entering each chunk, kept in
+# the input dtype as mamba_ssm keeps it: its readers cast it so for their tensor-core
+# products anyway, and half the bytes shortened the forward (bench/RESULTS.md).
 # The loop over chunks is sequential and bound by memory latency, so each iteration loads
 # the next chunk's operands before it stores: the loads are in flight meanwhile.
 
@@ -304,10 +307,10 @@ _PASSING = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in
             ((1024, 4), (1024, 8), (512, 4), (2048, 8), (256, 2))]  # fmt: skip
 
 
-@_tune(_PASSING, {"BLOCK": 16}, key=("NC", "PN"), restore_value=["states_ptr"])
+@_tune(_PASSING, {"BLOCK": 16}, key=("NC", "PN"))
 @triton.jit
 def _state_passing_fwd(
-    states_ptr, a_ptr, init_ptr, final_ptr, H, NC, Q, PN,
+    own_ptr, states_ptr, a_ptr, init_ptr, final_ptr, H, NC, Q, PN,
     HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
@@ -318,13 +321,14 @@ def _state_passing_fwd(
         s = tl.load(init_ptr + bh * PN + i, mask=ok).to(tl.float32)
     else:
         s = tl.zeros((BLOCK,), dtype=tl.float32)
-    own = tl.load(states_ptr + (b * NC * H + h) * PN + i, mask=ok)
+    own = tl.load(own_ptr + (b * NC * H + h) * PN + i, mask=ok)
     decay = tl.exp(tl.load(a_ptr + bh * NC * Q + Q - 1))
     for c in range(NC):
         ahead = tl.minimum(c + 1, NC - 1)  # the last chunk loads itself again, unused
-        next_own = tl.load(states_ptr + ((b * NC + ahead) * H + h) * PN + i, mask=ok)
+        next_own = tl.load(own_ptr + ((b * NC + ahead) * H + h) * PN + i, mask=ok)
         next_decay = tl.exp(tl.load(a_ptr + (bh * NC + ahead) * Q + Q - 1))
-        tl.store(states_ptr + ((b * NC + c) * H + h) * PN + i, s, mask=ok)
+        entering = _operand(s, states_ptr.dtype.element_ty) if _EMULATE_DOT else s
+        tl.store(states_ptr + ((b * NC + c) * H + h) * PN + i, entering, mask=ok)
         s = decay * s + own
         own, decay = next_own, next_decay
     tl.store(final_ptr + bh * PN + i, s, mask=ok)
@@ -348,14 +352,14 @@ def _state_passing_bwd(
     else:
         ds = tl.zeros((BLOCK,), dtype=tl.float32)
     last = ((b * NC + NC - 1) * H + h) * PN + i
-    entering = tl.load(states_ptr + last, mask=ok, other=0.0)
+    entering = tl.load(states_ptr + last, mask=ok, other=0.0).to(tl.float32)
     direct = tl.load(dstates_ptr + last, mask=ok, other=0.0)
     decay = tl.exp(tl.load(a_ptr + (bh * NC + NC - 1) * Q + Q - 1))
     for k in range(NC - 1, -1, -1):
         # the state after chunk k is exp(a_end) entering_k + own_k
         ahead = tl.maximum(k - 1, 0)  # chunk 0 loads itself again, unused
         at_ahead = ((b * NC + ahead) * H + h) * PN + i
-        next_entering = tl.load(states_ptr + at_ahead, mask=ok, other=0.0)
+        next_entering = tl.load(states_ptr + at_ahead, mask=ok, other=0.0).to(tl.float32)
         next_direct = tl.load(dstates_ptr + at_ahead, mask=ok, other=0.0)
         next_decay = tl.exp(tl.load(a_ptr + (bh * NC + ahead) * Q + Q - 1))
         tl.atomic_add(da_end_ptr + bh * NC + k, decay * tl.sum(ds * entering))
@@ -679,10 +683,11 @@ def _forward(x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, init):
         C, B, cb, s.L, s.G, s.NC, s.Q, s.N, C.stride(0), C.stride(1), B.stride(0), B.stride(1),
         PREC=s.prec,
     )  # fmt: skip
-    states = _chunk_outer_call(x, B, dtp, a, s, state=True)
+    own = _chunk_outer_call(x, B, dtp, a, s, state=True)
+    states = torch.empty(own.shape, device=dev, dtype=x.dtype)
     final = torch.empty(s.b, s.H, s.P, s.N, device=dev, dtype=f32)
     _state_passing_fwd[lambda meta: (s.b * s.H, triton.cdiv(s.P * s.N, meta["BLOCK"]))](
-        states, a, init, final, s.H, s.NC, s.Q, s.P * s.N, HAS_INIT=init is not None
+        own, states, a, init, final, s.H, s.NC, s.Q, s.P * s.N, HAS_INIT=init is not None
     )
     out = torch.empty(s.b, s.L, s.H, s.P, device=dev, dtype=x.dtype)
     ypre = torch.empty_like(out) if z is not None else None
@@ -809,7 +814,7 @@ def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states):
     decays = x.new_empty(b, H, NC, Q, **f32)
     return (x.new_empty(b, L, H, P), x.new_empty(b, H, P, N, **f32), decays,
             torch.empty_like(decays), x.new_empty(b, NC, G, Q, Q, **f32),
-            x.new_empty(b, NC, H, P, N, **f32),
+            x.new_empty(b, NC, H, P, N),
             x.new_empty(b, L, H, P) if z is not None else x.new_empty(0))  # fmt: skip
 
 
