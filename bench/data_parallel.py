@@ -12,7 +12,7 @@ Needs a machine with at least 2 GPUs. Two measurements, side by side in one run:
    Reports each GPU's mean utilisation and the share of samples it sat idle (< 5%).
 
     python bench/data_parallel.py [--steps 30] [--shard] [--measure scaling mixed]
-                                  [--tokens 8M] [--out FILE]
+                                  [--tokens 8M] [--budget-s 420] [--out FILE]
 
 ``--shard``: the data-parallel trials shard weights, gradients and Adam moments (FSDP)
 instead of replicating them (DDP), in both measurements; the one-GPU run is the same.
@@ -20,11 +20,13 @@ Prints one JSON line per measurement (with each scaling run's median peak GPU me
 and a markdown table.
 """
 
+import _thread
 import argparse
 import json
 import statistics
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from mlflow.tracking import MlflowClient
 
 from runners.config import TrialConfig
 from runners.distributed import run_data_parallel
-from runners.scheduler import GPU_IDS_TAG, StudyOptions, run_study
+from runners.scheduler import GPU_IDS_TAG, StudyOptions, run_study, summary_rows
 from runners.spec import load_spec
 from runners.train import TrainOptions
 
@@ -99,7 +101,7 @@ def phases(client: MlflowClient, run_id: str) -> dict:
             "wind_down_s": (run.info.end_time - steps[-1]) / 1000}  # fmt: skip
 
 
-def mixed_study(folder: Path, shard: bool, tokens: str) -> dict:
+def mixed_study(folder: Path, shard: bool, tokens: str, budget_s: float) -> dict:
     path = folder / "mixed.yaml"
     shard_from = "100M" if shard else "null"
     text = MIXED.format(seq_len=SEQ_LEN, batch=BATCH, micro=MICRO, shard_from=shard_from,
@@ -107,14 +109,25 @@ def mixed_study(folder: Path, shard: bool, tokens: str) -> dict:
     path.write_text(textwrap.dedent(text))
     spec, trials = load_spec(path)
     options = StudyOptions(results_dir=folder / "results")
-    start = time.time()
+    # Past the budget, the study is interrupted as Ctrl-C would (running trials checkpoint)
+    # and what ran is still reported: a device call has a time limit, and a run killed at
+    # it reported nothing.
+    timer = threading.Timer(budget_s, _thread.interrupt_main)
+    start, interrupted = time.time(), False
     with GpuSampler() as sampler:
-        rows = run_study(spec, trials, options)
+        timer.start()
+        try:
+            run_study(spec, trials, options)
+        except KeyboardInterrupt:
+            interrupted = True
+        timer.cancel()
     client = MlflowClient(options.uri())
+    rows = summary_rows(client, spec.name, trials, {})
     per_gpu = list(zip(*sampler.samples, strict=True))
     return {
         "measure": "mixed_study", "trials": len(rows), "tokens_per_trial": tokens,
         "finished": sum(r["status"] == "finished" for r in rows),
+        "interrupted_at_budget": interrupted,
         "data_parallel_trials": sum(spec.resources.workers_for(t) > 1 for t in trials),
         "wall_s": time.time() - start,
         "gpu_util_mean": [statistics.mean(g) for g in per_gpu],
@@ -140,6 +153,12 @@ def main() -> None:
         help="tokens per trial of the mixed study: enough that training, not "
         "start-up, fills the GPUs (1M trials train ~12 s after ~50 s of it)",
     )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420,
+        help="interrupt the mixed study after this many seconds and report what ran",
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     gpus = torch.cuda.device_count()
@@ -154,7 +173,7 @@ def main() -> None:
             two["speedup"] = two["tokens_per_s"] / one["tokens_per_s"]
             results += [one, two]
         if "mixed" in args.measure:
-            results.append(mixed_study(folder, args.shard, args.tokens))
+            results.append(mixed_study(folder, args.shard, args.tokens, args.budget_s))
     for row in results:
         print(json.dumps(row), flush=True)
     if "scaling" in args.measure:
@@ -166,7 +185,8 @@ def main() -> None:
               f"(target >= 1.8) |")  # fmt: skip
     if "mixed" in args.measure:
         mixed = results[-1]
-        print(f"\nmixed study: {mixed['finished']}/{mixed['trials']} finished in "
+        cut = " (interrupted at --budget-s)" if mixed["interrupted_at_budget"] else ""
+        print(f"\nmixed study{cut}: {mixed['finished']}/{mixed['trials']} finished in "
               f"{mixed['wall_s']:.0f}s; GPU utilisation {mixed['gpu_util_mean']}, "
               f"idle share {mixed['gpu_idle_share']}")  # fmt: skip
         for trial, times in mixed["trial_phases"].items():
