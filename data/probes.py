@@ -61,7 +61,7 @@ def mqar(rng: np.random.Generator, n: int) -> Example:
 
 def phonebook(rng: np.random.Generator, n: int) -> Example:
     """Phonebook lookup (the paper's): n "Name Surname: 123-4567" lines, then one name
-    again, to be completed with its number."""
+    again, to be completed with its number (" 123-4567")."""
     while True:  # names are distinct (a clash among billions of names: draw again)
         first = _words(rng, [CONSONANTS, VOWELS] * 2, n)
         last = _words(rng, [CONSONANTS, VOWELS] * 3, n)
@@ -71,7 +71,10 @@ def phonebook(rng: np.random.Generator, n: int) -> Example:
     numbers = [f"{a:03d}-{b:04d}" for a, b in rng.integers(0, [1000, 10000], size=(n, 2))]
     book = "".join(f"{name}: {number}\n" for name, number in zip(names, numbers, strict=True))
     query = int(rng.integers(n))
-    return Example([(f"{book}? {names[query]}: ", False), (numbers[query], True)])
+    # The answer takes the space before the number, as the book's lines do: byte-level BPE
+    # joins a space to the digits after it, so the book holds " 123" and an answer starting
+    # after the space would be other tokens, which recall could not copy.
+    return Example([(f"{book}? {names[query]}:", False), (f" {numbers[query]}", True)])
 
 
 def copying(rng: np.random.Generator, n: int) -> Example:

@@ -33,7 +33,7 @@ def solve_mqar(text: str) -> list[str]:
 def solve_phonebook(text: str) -> list[str]:
     *lines, query = text.split("\n")
     book = dict(
-        re.fullmatch(r"([A-Z][a-z]+ [A-Z][a-z]+): (\d{3}-\d{4})", line).groups() for line in lines
+        re.fullmatch(r"([A-Z][a-z]+ [A-Z][a-z]+):( \d{3}-\d{4})", line).groups() for line in lines
     )
     assert len(book) == len(lines)  # names are distinct
     return [book[re.fullmatch(r"\? (.+): .*", query)[1]]]
@@ -82,6 +82,21 @@ def test_phonebook_list_length_is_chosen():
 @pytest.fixture(scope="module")
 def bpe(corpus_dir):
     return train_bpe((p.read_text() for p in sorted(corpus_dir.glob("*.py"))), 320)
+
+
+@pytest.mark.parametrize("name", ["mqar", "phonebook", "copy"])
+def test_answers_are_the_tokens_the_context_holds(name):
+    """Recall copies tokens, so an answer must be tokenized as its text is in the context.
+    The phonebook's was not under BPE: its answer began after ": ", where the book holds
+    " 123" as one token. (Selective copying's answer is not in the context verbatim.)"""
+    texts = [example(probe, (3, i), 256).text for probe in PROBES for i in range(300)]
+    bpe = train_bpe(texts, 600)  # a vocabulary that merges spaces with digits
+    for seed in SEEDS[:20]:
+        probe = example(name, seed, 256)
+        context = bpe.encode_batch([probe.segments[0][0]])[0].tolist()
+        for answer in bpe.encode_batch(probe.answers):
+            k = len(answer)
+            assert any(context[i : i + k] == answer.tolist() for i in range(len(context)))
 
 
 @pytest.mark.parametrize("name", PROBES)
