@@ -11,10 +11,10 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-STATUS_TAG = "hybridscale.status"  # finished | diverged | oom | failed | pruned | running
+STATUS_TAG = "hybridscale.status"  # finished | diverged | oom | failed | pruned | interrupted
 MLFLOW_STATUS = {
     "finished": "FINISHED", "diverged": "FAILED", "oom": "FAILED", "failed": "FAILED",
-    "pruned": "KILLED",
+    "pruned": "KILLED", "interrupted": "KILLED",
 }  # fmt: skip
 
 

@@ -399,7 +399,7 @@ class Trainer:
             if not self.shard:  # gathering shards needs every rank, and they may be gone
                 self.checkpoint()
             if self.chief:
-                self.client.set_terminated(self.run_id, "KILLED")
+                log.end("interrupted")
             raise
         except TrialDiverged as err:
             return self._fail(log, "diverged", str(err))

@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -120,6 +121,24 @@ def test_on_eval_hook_prunes(tmp_path, corpus_dir, data_cache):
     assert run.info.status == "KILLED"
     assert run.data.tags["hybridscale.status"] == "pruned"
     assert run.data.metrics["val_loss"] == seen[-1][2]
+
+
+def test_ctrl_c_checkpoints_and_marks_the_run_interrupted(tmp_path, corpus_dir, data_cache):
+    """Ctrl-C (the scheduler's interruption, a time budget's too) ends the run as KILLED,
+    tagged interrupted rather than left without a status, with a checkpoint to resume."""
+
+    def interrupt(step, tokens, metrics):
+        raise KeyboardInterrupt
+
+    trial = tiny_trial(corpus_dir, eval_every_tokens=64 * 8 * 3)
+    opts = options(tmp_path, data_cache, on_eval=interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_trial(trial, opts)
+    client = MlflowClient(opts.tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["hybridscale.status"] == "interrupted"
+    assert train_trial(trial, replace(opts, on_eval=None)).status == "finished"
 
 
 def test_compiled_step_matches_eager(tmp_path, corpus_dir, data_cache):
