@@ -84,17 +84,22 @@ def bpe(corpus_dir):
     return train_bpe((p.read_text() for p in sorted(corpus_dir.glob("*.py"))), 320)
 
 
+@pytest.fixture(scope="module")
+def probes_bpe():
+    """A BPE trained on the probes' own text: its vocabulary merges spaces with digits."""
+    texts = [example(probe, (3, i), 256).text for probe in PROBES for i in range(300)]
+    return train_bpe(texts, 600)
+
+
 @pytest.mark.parametrize("name", ["mqar", "phonebook", "copy"])
-def test_answers_are_the_tokens_the_context_holds(name):
+def test_answers_are_the_tokens_the_context_holds(name, probes_bpe):
     """Recall copies tokens, so an answer must be tokenized as its text is in the context.
     The phonebook's was not under BPE: its answer began after ": ", where the book holds
     " 123" as one token. (Selective copying's answer is not in the context verbatim.)"""
-    texts = [example(probe, (3, i), 256).text for probe in PROBES for i in range(300)]
-    bpe = train_bpe(texts, 600)  # a vocabulary that merges spaces with digits
     for seed in SEEDS[:20]:
         probe = example(name, seed, 256)
-        context = bpe.encode_batch([probe.segments[0][0]])[0].tolist()
-        for answer in bpe.encode_batch(probe.answers):
+        context = probes_bpe.encode_batch([probe.segments[0][0]])[0].tolist()
+        for answer in probes_bpe.encode_batch(probe.answers):
             k = len(answer)
             assert any(context[i : i + k] == answer.tolist() for i in range(len(context)))
 
