@@ -32,9 +32,10 @@ _BWD_CONFIGS = choices(
 
 @triton.jit
 def _load_x(x_ptr, b, src, d, L, Dm, s_x_b, s_x_t):
-    """x at times src (zero before the start), channels d: fp32 (BT, BD)."""
-    ok = ((src >= 0) & (src < L))[:, None] & (d < Dm)[None, :]
-    x = tl.load(x_ptr + b * s_x_b + src[:, None] * s_x_t + d[None, :], mask=ok, other=0.0)
+    """x at times src (zero outside the sequence), channels d, src and d broadcast
+    against each other: fp32, of their broadcast shape."""
+    ok = (src >= 0) & (src < L) & (d < Dm)
+    x = tl.load(x_ptr + b * s_x_b + src * s_x_t + d, mask=ok, other=0.0)
     return x.to(tl.float32)
 
 
@@ -43,7 +44,7 @@ def _conv_pre(x_ptr, w_ptr, bias_ptr, b, t, d, L, Dm, s_x_b, s_x_t, K: tl.conste
     """bias + the causal conv at times t, channels d: fp32 (BT, BD)."""
     acc = tl.load(bias_ptr + d, mask=d < Dm, other=0.0).to(tl.float32)[None, :]
     for k in tl.static_range(K):
-        x = _load_x(x_ptr, b, t - (K - 1) + k, d, L, Dm, s_x_b, s_x_t)
+        x = _load_x(x_ptr, b, (t - (K - 1) + k)[:, None], d[None, :], L, Dm, s_x_b, s_x_t)
         w = tl.load(w_ptr + d * K + k, mask=d < Dm, other=0.0).to(tl.float32)
         acc += x * w[None, :]
     return acc
@@ -104,11 +105,10 @@ def _conv_bwd(x_ptr, w_ptr, dpre_ptr, dx_ptr, dw_ptr, dbias_ptr, L, Dm, s_x_b, s
             dx += dpre * w[None, :]
             if j == 0:  # each time's dpre once: the weight and bias gradients
                 dbias += dpre
+                # x at t - K + 1 + k for every k (rows k >= K, padding, are never stored)
                 src = t[None, :, None] - (K - 1) + kk[:, None, None]
-                x_ok = (src >= 0) & (src < L) & (kk < K)[:, None, None] & dm[None, None, :]
-                x = tl.load(x_ptr + b * s_x_b + src * s_x_t + d[None, None, :], mask=x_ok,
-                            other=0.0)  # fmt: skip
-                dw += dpre[None, :, :] * x.to(tl.float32)
+                x = _load_x(x_ptr, b, src, d[None, None, :], L, Dm, s_x_b, s_x_t)
+                dw += dpre[None, :, :] * x
         tl.store(dx_ptr + (b * L + t[:, None]) * Dm + d[None, :], dx,
                  mask=(t < L)[:, None] & dm[None, :])  # fmt: skip
     tl.atomic_add(dbias_ptr + d, tl.sum(dbias, axis=0), mask=dm, sem="relaxed")
