@@ -7,12 +7,13 @@ Needs a machine with at least 2 GPUs. Two measurements, side by side in one run:
    study's own data-parallel path (Ray Train, DDP over NCCL), on 1 and on 2 GPUs; tokens/s
    is the median over the steps after warm-up, read back from each run's MLflow metrics.
    Target: 2 GPUs >= 1.8x one.
-2. A mixed study through the real scheduler: three 350M trials on 2 GPUs each and three
-   small trials on shares of a GPU (--tokens each), sampling nvidia-smi every second.
+2. A mixed study through the real scheduler: --seeds (3) 350M trials on 2 GPUs each and as
+   many small trials on shares of a GPU (--tokens each), sampling nvidia-smi every second.
    Reports each GPU's mean utilisation and the share of samples it sat idle (< 5%).
 
     python bench/data_parallel.py [--steps 30] [--shard] [--measure scaling mixed]
-                                  [--tokens 8M] [--budget-s 420] [--out FILE]
+                                  [--tokens 8M] [--seeds 3] [--budget-s 420]
+                                  [--out FILE]
 
 ``--shard``: the data-parallel trials shard weights, gradients and Adam moments (FSDP)
 instead of replicating them (DDP), in both measurements; the one-GPU run is the same.
@@ -80,7 +81,7 @@ data: {{seq_len: {seq_len}}}
 training: {{tokens: {tokens}, batch_size: {batch}, micro_batch_size: {micro}, lr: 1.0e-3}}
 sweep:
   size: [{{d_model: 1024, n_layers: 48, n_heads: 16, d_state: 128}}, {{d_model: 256}}]
-  seed: [0, 1, 2]
+  seed: {seeds}
 resources: {{workers: {{100M: 2}}, shard_from: {shard_from}}}  # 350M trials: 2 GPUs each
 """
 
@@ -101,11 +102,11 @@ def phases(client: MlflowClient, run_id: str) -> dict:
             "wind_down_s": (run.info.end_time - steps[-1]) / 1000}  # fmt: skip
 
 
-def mixed_study(folder: Path, shard: bool, tokens: str, budget_s: float) -> dict:
+def mixed_study(folder: Path, shard: bool, tokens: str, seeds: int, budget_s: float) -> dict:
     path = folder / "mixed.yaml"
     shard_from = "100M" if shard else "null"
     text = MIXED.format(seq_len=SEQ_LEN, batch=BATCH, micro=MICRO, shard_from=shard_from,
-                        tokens=tokens)  # fmt: skip
+                        tokens=tokens, seeds=list(range(seeds)))  # fmt: skip
     path.write_text(textwrap.dedent(text))
     spec, trials = load_spec(path)
     options = StudyOptions(results_dir=folder / "results")
@@ -153,6 +154,7 @@ def main() -> None:
         help="tokens per trial of the mixed study: enough that training, not "
         "start-up, fills the GPUs (1M trials train ~12 s after ~50 s of it)",
     )
+    parser.add_argument("--seeds", type=int, default=3, help="trials of each size, mixed study")
     parser.add_argument(
         "--budget-s",
         type=float,
@@ -173,7 +175,7 @@ def main() -> None:
             two["speedup"] = two["tokens_per_s"] / one["tokens_per_s"]
             results += [one, two]
         if "mixed" in args.measure:
-            results.append(mixed_study(folder, args.shard, args.tokens, args.budget_s))
+            results.append(mixed_study(folder, args.shard, args.tokens, args.seeds, args.budget_s))
     for row in results:
         print(json.dumps(row), flush=True)
     if "scaling" in args.measure:
