@@ -89,9 +89,10 @@ resources: {{workers: {{100M: 2}}, shard_from: {shard_from}}}  # 350M trials: 2 
 def phases(client: MlflowClient, run_id: str) -> dict:
     """From a trial's MLflow run: the GPUs it ran on (a single-worker trial's), and the
     seconds it spent before its first logged step (model, data, compiling, the first
-    steps), between its first and last logged steps, and after (evaluation, artifacts).
-    Worker start-up before the run opens is not in it; a run that logged no step (it
-    failed first) has none."""
+    steps), between its first and last logged steps, and after (evaluation, artifacts);
+    ``run`` and ``training`` are the whole run's and the middle span's (start, end) in
+    epoch seconds. Worker start-up before the run opens is not in it; a run that logged
+    no step (it failed first) has none."""
     run = client.get_run(run_id)
     steps = sorted(m.timestamp for m in client.get_metric_history(run_id, "grad_norm"))
     if not steps or run.info.end_time is None:
@@ -99,7 +100,23 @@ def phases(client: MlflowClient, run_id: str) -> dict:
     return {"gpus": run.data.tags.get(GPU_IDS_TAG, "all its workers'"),
             "setup_s": (steps[0] - run.info.start_time) / 1000,
             "train_s": (steps[-1] - steps[0]) / 1000,
-            "wind_down_s": (run.info.end_time - steps[-1]) / 1000}  # fmt: skip
+            "wind_down_s": (run.info.end_time - steps[-1]) / 1000,
+            "run": (run.info.start_time / 1000, run.info.end_time / 1000),
+            "training": (steps[0] / 1000, steps[-1] / 1000)}  # fmt: skip
+
+
+def util_while_training(sampler: GpuSampler, trial_phases: list[dict]) -> list[float | None]:
+    """Each GPU's mean utilisation over the seconds some trial on it was between its first
+    and last step: what is left of the idle time once trials' start-up and wind-down (Ray
+    Train workers, NCCL, model build, evaluation, checkpoints) are set aside."""
+    means = []
+    for gpu, samples in enumerate(zip(*sampler.samples, strict=True)):
+        spans = [p["training"] for p in trial_phases
+                 if p and p["gpus"] in (str(gpu), "all its workers'")]  # fmt: skip
+        inside = [u for t, u in zip(sampler.times, samples, strict=True)
+                  if any(start <= t <= end for start, end in spans)]  # fmt: skip
+        means.append(statistics.mean(inside) if inside else None)
+    return means
 
 
 def mixed_study(folder: Path, shard: bool, tokens: str, seeds: int, budget_s: float) -> dict:
@@ -125,15 +142,18 @@ def mixed_study(folder: Path, shard: bool, tokens: str, seeds: int, budget_s: fl
     client = MlflowClient(options.uri())
     rows = summary_rows(client, spec.name, trials, {})
     per_gpu = list(zip(*sampler.samples, strict=True))
+    trial_phases = {r["trial"]: phases(client, r["run_id"]) for r in rows if r["run_id"]}
     return {
         "measure": "mixed_study", "trials": len(rows), "tokens_per_trial": tokens,
         "finished": sum(r["status"] == "finished" for r in rows),
         "interrupted_at_budget": interrupted,
         "data_parallel_trials": sum(spec.resources.workers_for(t) > 1 for t in trials),
+        "started": start,
         "wall_s": time.time() - start,
         "gpu_util_mean": [statistics.mean(g) for g in per_gpu],
         "gpu_idle_share": [sum(u < 5 for u in g) / len(g) for g in per_gpu],
-        "trial_phases": {r["trial"]: phases(client, r["run_id"]) for r in rows if r["run_id"]},
+        "gpu_util_while_training": util_while_training(sampler, list(trial_phases.values())),
+        "trial_phases": trial_phases,
     }  # fmt: skip
 
 
@@ -190,10 +210,14 @@ def main() -> None:
         cut = " (interrupted at --budget-s)" if mixed["interrupted_at_budget"] else ""
         print(f"\nmixed study{cut}: {mixed['finished']}/{mixed['trials']} finished in "
               f"{mixed['wall_s']:.0f}s; GPU utilisation {mixed['gpu_util_mean']}, "
-              f"idle share {mixed['gpu_idle_share']}")  # fmt: skip
-        for trial, times in mixed["trial_phases"].items():
-            print(f"  {trial}: " + ", ".join(f"{k} {v}" if k == "gpus" else f"{k} {v:.1f}"
-                                            for k, v in times.items()))  # fmt: skip
+              f"idle share {mixed['gpu_idle_share']}, while trials trained "
+              f"{mixed['gpu_util_while_training']}")  # fmt: skip
+        for trial, p in mixed["trial_phases"].items():
+            if p:  # run times from the study's start: the gaps between runs are start-up
+                opened, ended = (t - mixed["started"] for t in p["run"])
+                print(f"  {trial}: GPUs {p['gpus']}, run {opened:.0f}-{ended:.0f}s: setup "
+                      f"{p['setup_s']:.1f}s, training {p['train_s']:.1f}s, wind-down "
+                      f"{p['wind_down_s']:.1f}s")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 

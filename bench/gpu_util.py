@@ -3,6 +3,7 @@ kernel a function launches."""
 
 import subprocess
 import threading
+import time
 from collections import defaultdict
 
 import torch
@@ -24,10 +25,12 @@ def kernel_times(fn, repeats: int = 2) -> dict[str, float]:
 
 class GpuSampler:
     """utilization.gpu of every GPU, once a second, in a thread: ``samples`` holds one
-    list per second (one value per GPU); none where there is no nvidia-smi."""
+    list per second (one value per GPU), taken at ``times`` (epoch seconds); none where
+    there is no nvidia-smi."""
 
     def __init__(self) -> None:
         self.samples: list[list[float]] = []
+        self.times: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -37,6 +40,7 @@ class GpuSampler:
             try:
                 out = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout
                 self.samples.append([float(v) for v in out.split()])
+                self.times.append(time.time())
             except (OSError, ValueError, subprocess.TimeoutExpired):
                 return
 
