@@ -30,10 +30,20 @@ def rotary_frequencies(dim: int, base: float = 10000.0) -> Tensor:
     return 1.0 / base ** (torch.arange(0, dim, 2).float() / dim)
 
 
+# An opaque op, so a compiled step reads the tables: Inductor inlined cos and sin into the
+# rotation's forward and backward kernels, computing them for every element of q and k
+# (RoPE added 5.8 ms to a 350M Transformer's 170 ms step on an H200).
+@torch.library.custom_op("hybridscale::rotary_tables", mutates_args=())
 def rotary_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     """cos and sin of shape (seqlen, dim // 2) for the rotated part of each head."""
     angles = positions.float()[:, None] * inv_freq.float()[None, :]
     return angles.cos(), angles.sin()
+
+
+@rotary_tables.register_fake
+def _(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    shape = (positions.shape[0], inv_freq.shape[0])
+    return tuple(torch.empty(shape, device=positions.device) for _ in range(2))
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
