@@ -59,9 +59,11 @@ def mqar(rng: np.random.Generator, n: int) -> Example:
     return Example(segments)
 
 
-def phonebook(rng: np.random.Generator, n: int) -> Example:
+def phonebook(rng: np.random.Generator, n: int, queries: int = 1) -> Example:
     """Phonebook lookup (the paper's): n "Name Surname: 123-4567" lines, then one name
-    again, to be completed with its number (" 123-4567")."""
+    again, to be completed with its number (" 123-4567"). As a training format, ``queries``
+    names in a new order, one a line: more lookups per row; the first is asked as the
+    paper's is."""
     while True:  # names are distinct (a clash among billions of names: draw again)
         first = _words(rng, [CONSONANTS, VOWELS] * 2, n)
         last = _words(rng, [CONSONANTS, VOWELS] * 3, n)
@@ -70,11 +72,15 @@ def phonebook(rng: np.random.Generator, n: int) -> Example:
             break
     numbers = [f"{a:03d}-{b:04d}" for a, b in rng.integers(0, [1000, 10000], size=(n, 2))]
     book = "".join(f"{name}: {number}\n" for name, number in zip(names, numbers, strict=True))
-    query = int(rng.integers(n))
+    # One query is drawn as it always was, so the held-out examples stay the same.
+    asked = [int(rng.integers(n))] if queries == 1 else rng.permutation(n)[:queries]
     # The answer takes the space before the number, as the book's lines do: byte-level BPE
     # joins a space to the digits after it, so the book holds " 123" and an answer starting
     # after the space would be other tokens, which recall could not copy.
-    return Example([(f"{book}? {names[query]}:", False), (f" {numbers[query]}", True)])
+    segments = []
+    for i, prefix in zip(asked, [book, *["\n"] * (len(asked) - 1)], strict=True):
+        segments += [(f"{prefix}? {names[i]}:", False), (f" {numbers[i]}", True)]
+    return Example(segments)
 
 
 def copying(rng: np.random.Generator, n: int) -> Example:

@@ -31,12 +31,14 @@ def solve_mqar(text: str) -> list[str]:
 
 
 def solve_phonebook(text: str) -> list[str]:
-    *lines, query = text.split("\n")
+    lines = text.split("\n")
+    entries = [line for line in lines if not line.startswith("? ")]
+    queries = lines[len(entries) :]  # every query comes after the whole book
     book = dict(
-        re.fullmatch(r"([A-Z][a-z]+ [A-Z][a-z]+):( \d{3}-\d{4})", line).groups() for line in lines
+        re.fullmatch(r"([A-Z][a-z]+ [A-Z][a-z]+):( \d{3}-\d{4})", line).groups() for line in entries
     )
-    assert len(book) == len(lines)  # names are distinct
-    return [book[re.fullmatch(r"\? (.+): .*", query)[1]]]
+    assert len(book) == len(entries)  # names are distinct
+    return [book[re.fullmatch(r"\? (.+): .*", query)[1]] for query in queries]
 
 
 def solve_copy(text: str) -> list[str]:
@@ -71,6 +73,15 @@ def test_generators_agree_with_independent_solvers(name, seq_len):
     assert len(PROBES[name](np.random.default_rng(0), n + 1).text.encode()) > seq_len
     assert example(name, SEEDS[0], seq_len).text == example(name, SEEDS[0], seq_len).text
     assert example(name, SEEDS[0], seq_len).text != example(name, SEEDS[1], seq_len).text
+
+
+def test_phonebook_training_format_asks_every_name_once():
+    for seed in SEEDS:
+        probe = PROBES["phonebook"](np.random.default_rng(seed), 6, queries=6)
+        assert probe.answers == solve_phonebook(probe.text)
+        asked = re.findall(r"^\? (.+):", probe.text, re.MULTILINE)
+        book = re.findall(r"^([A-Z][a-z]+ [A-Z][a-z]+):", probe.text, re.MULTILINE)
+        assert sorted(asked) == sorted(book) and len(asked) == 6
 
 
 def test_phonebook_list_length_is_chosen():
