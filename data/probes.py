@@ -104,15 +104,21 @@ PROBES: dict[str, Callable[[np.random.Generator, int], Example]] = {
     "copy": copying,
     "selective_copy": selective_copying,
 }
+# What trials train on: the phonebook asks every name of its book, as many lookups a row as
+# it holds entries (with one, small models did not learn it: tests/test_phonebook_learning);
+# the other probes train on the examples they are scored on.
+TRAINING_FORMATS = PROBES | {"phonebook": lambda rng, n: phonebook(rng, n, queries=n)}
 
 
 @functools.cache
-def items_that_fit(name: str, budget: int) -> int:
-    """The most items whose example text fits ``budget`` bytes. Every field has a fixed
-    width, so the length depends on the number of items alone, not on the seed."""
+def items_that_fit(name: str, budget: int, training: bool = False) -> int:
+    """The most items whose example text (or training row's, ``training``) fits ``budget``
+    bytes. Every field has a fixed width, so the length depends on the number of items
+    alone, not on the seed."""
+    generate = (TRAINING_FORMATS if training else PROBES)[name]
 
     def fits(n: int) -> bool:
-        return len(PROBES[name](np.random.default_rng(0), n).text.encode()) <= budget
+        return len(generate(np.random.default_rng(0), n).text.encode()) <= budget
 
     if not fits(1):
         raise DataError(f"data.seq_len: {budget} is too short for the {name} probe")
@@ -126,10 +132,14 @@ def items_that_fit(name: str, budget: int) -> int:
     return low
 
 
-def example(name: str, seed: Sequence[int], seq_len: int, items: int | None = None) -> Example:
-    """The probe's example for ``seed``: as many items as fit seq_len, or ``items``."""
+def example(
+    name: str, seed: Sequence[int], seq_len: int, items: int | None = None, training: bool = False
+) -> Example:
+    """The probe's example for ``seed`` (its training format, ``training``): as many items
+    as fit seq_len, or ``items``."""
     rng = np.random.default_rng(list(seed))
-    return PROBES[name](rng, items or items_that_fit(name, seq_len))
+    generate = (TRAINING_FORMATS if training else PROBES)[name]
+    return generate(rng, items or items_that_fit(name, seq_len, training))
 
 
 def probe_row(example: Example, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray, list]:

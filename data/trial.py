@@ -58,7 +58,7 @@ class TrialData:
                 k = int(np.searchsorted(bounds, u, side="right"))
                 if k < len(names):  # past the last bound: a corpus row
                     seq_len = self.config.seq_len
-                    probe = example(names[k], (TRAIN_STREAM, seed, step, i), seq_len)
+                    probe = example(names[k], (TRAIN_STREAM, seed, step, i), seq_len, training=True)
                     inputs[i], targets[i], _ = probe_row(probe, self.tokenizer, seq_len)
         return torch.from_numpy(inputs), torch.from_numpy(targets)
 

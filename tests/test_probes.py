@@ -199,6 +199,21 @@ def test_probes_mix_into_training_and_are_evaluated(corpus_dir, data_cache):
     assert metrics["probe_copy_acc"] == 1.0 and metrics["probe_mqar_acc"] < 0.1
 
 
+def test_trials_train_phonebook_rows_that_ask_every_name(corpus_dir, data_cache):
+    config = DataConfig(paths=[str(corpus_dir / "*.py")], seq_len=160, probes={"phonebook": 0.99})
+    inputs, targets = open_data(config, data_cache).train_batch(seed=0, step=0, batch_size=8)
+    tokenizer = ByteTokenizer()
+    probes = (targets == IGNORE).any(1)  # a corpus row, 1% of them, has no IGNORE
+    assert probes.sum() >= 6
+    for row, target in zip(inputs[probes].tolist(), targets[probes].tolist(), strict=True):
+        # the row's tokens: the inputs, then the one the last position predicts
+        tokens = [t for t in row + [target[-1]] if t not in (tokenizer.eot, IGNORE)]
+        answers = solve_phonebook(tokenizer.decode(tokens))
+        assert len(answers) == items_that_fit("phonebook", 160, training=True) > 1
+        answered = [t for t in target if t != IGNORE]  # the numbers, in the order asked
+        assert tokenizer.decode(answered) == "".join(answers)
+
+
 def test_a_trial_trains_on_probes_and_logs_their_accuracy(tmp_path, corpus_dir, data_cache):
     trial = TrialConfig.model_validate({
         "model": {"pattern": "M*", "d_model": 32, "n_heads": 4, "d_state": 8, "ssm_headdim": 16,
