@@ -8,7 +8,7 @@ Why the recipe is as it is (each part measured on 2 shared CPU cores):
 - Model "M*": a pure-attention "**" must first grow a previous-token head, which it did not do
   within the budget (rounds 8-9); the Mamba-2 layer's causal convolution mixes in the previous
   tokens from the start, and the attention layer does the lookup.
-- Training rows ask every name of the book, in a new order (phonebook(..., queries=4)): four
+- Training rows ask every name of the book, in a new order (the probe's training format): four
   lookups of gradient per row instead of one; the first query is the evaluation example's.
 - The head runs on answer positions only: over the vocabulary it is most of a step's compute.
 """
@@ -23,7 +23,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from arch.config import ModelConfig
 from arch.model import HybridLM
 from data.evaluate import probe_accuracy
-from data.probes import IGNORE, TRAIN_STREAM, example, phonebook, probe_row
+from data.probes import IGNORE, TRAIN_STREAM, example, probe_row
 from data.tokenizer import EOT_TEXT, HFTokenizer
 
 ENTRIES, STEPS, BATCH, LR, WARMUP = 4, 2000, 32, 2e-2, 200
@@ -49,7 +49,7 @@ def training_rows(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     fresh rows would cost as much as the training."""
     rows = [
         probe_row(
-            phonebook(np.random.default_rng([TRAIN_STREAM, i]), ENTRIES, ENTRIES), tokenizer, ROW
+            example("phonebook", (TRAIN_STREAM, i), ROW, ENTRIES, training=True), tokenizer, ROW
         )
         for i in range(BOOKS)
     ]
