@@ -34,7 +34,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from arch.config import ModelConfig  # noqa: E402
-from arch.kernels.conv import causal_conv1d_silu  # noqa: E402
+from arch.kernels.conv import causal_conv1d_silu, conv_silu_backward  # noqa: E402
 from arch.kernels.norm import rmsnorm_gated  # noqa: E402
 from arch.kernels.ssd_triton import ssd_chunked_triton  # noqa: E402
 from arch.kernels.state_update import ssd_step_triton  # noqa: E402
@@ -254,6 +254,42 @@ def test_conv_and_gated_norm_match_reference_interpreted():
     ours, ref = conv_and_norm_grads("cpu", torch.float32, length=37, channels=40, width=4,
                                     groups=2)  # fmt: skip
     assert_matches(ours, ref, tol=1e-5)
+
+
+# The interpreter's backward walks spans of 8 times over blocks of 16 channels (the `small`
+# config of arch/kernels/conv.py): 37 times end mid-span, 2 are fewer than the width, 16
+# are whole spans; 40 channels end mid-block.
+@cpu_only
+@pytest.mark.parametrize(
+    "length, width, dx_dtype",
+    [(37, 4, torch.float32), (2, 4, torch.float32), (16, 2, torch.float32),
+     (13, 3, torch.bfloat16)],
+)  # fmt: skip
+def test_conv_silu_backward_writes_through_strides_interpreted(length, width, dx_dtype):
+    """dx written into a slice of a wider buffer, from x and dy of other strides (x
+    time-major), against autograd through the reference; the other columns untouched."""
+    gen = torch.Generator().manual_seed(length)
+    batch, channels, sentinel = 2, 40, 7.25
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x = randn(length, batch, channels + 5).float().transpose(0, 1)[..., 5:]
+    dy = randn(batch, length, channels + 9).float()[..., 2 : 2 + channels]
+    weight, bias = randn(channels, width), randn(channels)
+    buffer = torch.full((batch, length, channels + 24), sentinel, dtype=dx_dtype)
+    dw, dbias = conv_silu_backward(x, weight.float(), bias.float(), dy,
+                                   buffer[..., 8 : 8 + channels])  # fmt: skip
+
+    leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
+    grads = torch.autograd.grad(conv_reference(*leaves), leaves, dy.double())
+    ref = dict(zip(("dx", "dw", "dbias"), grads, strict=True))
+    assert dw.dtype == dbias.dtype == torch.float32
+    # fp32 as the other conv test; a bf16 dx rounds each entry by up to 2^-8 of itself
+    tol = {"dx": 1e-5 if dx_dtype == torch.float32 else 4e-3, "dw": 1e-5, "dbias": 1e-5}
+    assert_matches({"dx": buffer[..., 8 : 8 + channels], "dw": dw, "dbias": dbias}, ref, tol)
+    others = torch.cat([buffer[..., :8], buffer[..., 8 + channels :]], dim=-1)
+    assert (others == sentinel).all()
 
 
 def bf16_case(shape, chunk, device):

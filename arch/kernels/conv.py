@@ -7,6 +7,9 @@ x, B and C split from it reach the scan without copies. The reference is
 ``F.silu(F.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=width - 1,
 groups=channels)[..., :L]).transpose(1, 2)``, as in ``arch.mamba2.Mamba2``, which moves
 the tensor through memory several times.
+
+``conv_silu_backward(x, weight, bias, dy, dx)``: its backward, in one pass over x and dy,
+writing x's gradient into a given dx (for ops that fuse the conv with its neighbours).
 """
 
 import torch
@@ -21,12 +24,13 @@ _CONFIGS = choices(
      for bt, bd in ((32, 128), (64, 128), (32, 256), (16, 256)) for w in (4, 8)],
     small=triton.Config({"BT": 16, "BD": 16}, num_warps=1),
 )  # fmt: skip
-# The backward keeps width x BT x BD fp32 partial weight gradients in registers: small tiles.
+# The backward walks spans of T times a row of BD channels at a time, R rows a loop
+# iteration: loaded together (R) and prefetched by Triton's pipeliner (STAGES). Two to four
+# channels a thread: eight would hold 128 fp32 registers of windows and sums alone.
 _BWD_CONFIGS = choices(
-    [triton.Config({"BT": bt, "BD": bd, "STEPS": steps}, num_warps=w)
-     for bt, bd, w in ((16, 128, 8), (8, 128, 4), (16, 64, 4), (32, 64, 8), (8, 256, 8))
-     for steps in (8, 32)],
-    small=triton.Config({"BT": 16, "BD": 16, "STEPS": 2}, num_warps=1),
+    [triton.Config({"T": t, "BD": bd, "R": r, "STAGES": s}, num_warps=w)
+     for t in (128, 64) for bd, w in ((256, 2), (128, 1), (256, 4)) for r, s in ((4, 3), (8, 1))],
+    small=triton.Config({"T": 8, "BD": 16, "R": 4, "STAGES": 1}, num_warps=1),
 )  # fmt: skip
 
 
@@ -62,70 +66,95 @@ def _conv_fwd(x_ptr, w_ptr, bias_ptr, y_ptr, L, Dm, s_x_b, s_x_t,
     tl.store(y_ptr + out, pre * tl.sigmoid(pre), mask=(t < L)[:, None] & (d < Dm)[None, :])
 
 
-@triton.autotune(_CONFIGS, key=["Dm", "K"], cache_results=True)
 @triton.jit
-def _conv_dpre(x_ptr, w_ptr, bias_ptr, dy_ptr, dpre_ptr, L, Dm, s_x_b, s_x_t,
-               K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):  # fmt: skip
-    """The pre-activation gradient dy * silu'(pre), pre recomputed: fp32 (b, L, Dm)."""
-    b = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BT + tl.arange(0, BT)
-    d = tl.program_id(2) * BD + tl.arange(0, BD)
-    pre = _conv_pre(x_ptr, w_ptr, bias_ptr, b, t, d, L, Dm, s_x_b, s_x_t, K)
-    ok = (t < L)[:, None] & (d < Dm)[None, :]
-    out = (b * L + t[:, None]) * Dm + d[None, :]
-    dy = tl.load(dy_ptr + out, mask=ok, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(pre)
-    tl.store(dpre_ptr + out, dy * sig * (1.0 + pre * (1.0 - sig)), mask=ok)
+def _rows(d, Dm, ok):
+    """Channels d of a row that exists where ok, a scalar, holds: the bound, not a splat of
+    ok, since the interpreter splats a scalar condition into int32, which masks reject."""
+    return d < tl.where(ok, Dm, 0)
+
+
+@triton.jit
+def _walk_back(x_row, dy_row, dx_row, t_hi, L, dy_end, d, Dm, s_x_t, s_dy_t, s_dx_t, w,
+               bias, xs, dpres, dw, dbias, K: tl.constexpr, R: tl.constexpr,
+               OWN: tl.constexpr):  # fmt: skip
+    """R steps back in time from t_hi. Windows, as tuples of rows, oldest first: x at
+    t - K + 2 .. t and dpre at t + 1 .. t + K - 1 before the step at t. A step loads x at
+    t - K + 1 (zero before the start) and dy at t (zero from dy_end) and, where OWN, writes
+    dx at t and adds into dw and dbias. The R rows are loaded first, all in flight
+    together: the compiler cannot tell dx from x and dy, so a load after a store waits."""
+    x_in, dy_in = (), ()
+    for r in tl.static_range(R):
+        t = t_hi - r
+        src = t - (K - 1)
+        ok = (src >= 0) & (src < L)
+        x_in += (tl.load(x_row + src * s_x_t, mask=_rows(d, Dm, ok), other=0.0),)
+        dy_in += (tl.load(dy_row + t * s_dy_t, mask=_rows(d, Dm, t < dy_end), other=0.0),)
+    for r in tl.static_range(R):
+        t = t_hi - r
+        xs = (x_in[r].to(tl.float32),) + xs  # x at t - K + 1 .. t
+        pre = bias
+        for k in tl.static_range(K):
+            pre += w[k] * xs[k]
+        sig = tl.sigmoid(pre)
+        dpre = dy_in[r].to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
+        dpres = (dpre,) + dpres  # dpre at t .. t + K - 1
+        if OWN:
+            dx = tl.zeros_like(dpre)
+            for j in tl.static_range(K):
+                dx += w[K - 1 - j] * dpres[j]
+            tl.store(dx_row + t * s_dx_t, dx, mask=_rows(d, Dm, t < L))
+            sums = ()
+            for k in tl.static_range(K):
+                sums += (dw[k] + dpre * xs[k],)
+            dw, dbias = sums, dbias + dpre
+        xs, dpres = xs[: K - 1], dpres[: K - 1]
+    return xs, dpres, dw, dbias
 
 
 @triton.autotune(_BWD_CONFIGS, key=["Dm", "K"], reset_to_zero=["dw_ptr", "dbias_ptr"],
                  cache_results=True)  # fmt: skip
 @triton.jit
-def _conv_bwd(x_ptr, w_ptr, dpre_ptr, dx_ptr, dw_ptr, dbias_ptr, L, Dm, s_x_b, s_x_t,
-              K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-              STEPS: tl.constexpr):  # fmt: skip
-    """Over STEPS blocks of BT times: dx at times t gathers dpre at t .. t + K - 1. The
-    weight and bias gradients are summed per element and over the block's times only once,
-    at the end: summing over times at every step synchronised the warps each time, and the
-    kernel ran at a fifth of the memory bandwidth."""
+def _conv_bwd(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, dbias_ptr, L, Dm,
+              s_x_b, s_x_t, s_dy_b, s_dy_t, s_dx_b, s_dx_t, K: tl.constexpr, T: tl.constexpr,
+              BD: tl.constexpr, R: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    """dx, dw and dbias at times t0 .. t0 + T - 1 of one sequence, channels d, in one walk
+    back in time, a row of BD channels a step, R steps a loop iteration, with windows of x
+    and of the pre-activation gradient dpre in registers: each x and dy row is loaded once
+    (and K - 1 halo rows at each end), and dpre never goes to memory. The walk starts
+    2 (K - 1) steps past the span: K - 1 steps fill the x window (dy masked, so their dpre
+    is zero), K - 1 more the dpre window with the next span's first dpre."""
+    tl.static_assert(T % R == 0)
     b = tl.program_id(0).to(tl.int64)
+    t0 = tl.program_id(1) * T
     d = tl.program_id(2) * BD + tl.arange(0, BD)
     dm = d < Dm
-    kk = tl.arange(0, KP)
-    dw = tl.zeros((KP, BT, BD), dtype=tl.float32)  # [k, t]: dpre[t] * x[t - K + 1 + k]
-    dbias = tl.zeros((BT, BD), dtype=tl.float32)
-    for step in range(STEPS):
-        t = (tl.program_id(1) * STEPS + step) * BT + tl.arange(0, BT)
-        dx = tl.zeros((BT, BD), dtype=tl.float32)
-        for j in tl.static_range(K):  # dpre at times t + j, zero past the end
-            ok = (t + j < L)[:, None] & dm[None, :]
-            dpre = tl.load(dpre_ptr + (b * L + t[:, None] + j) * Dm + d[None, :], mask=ok,
-                           other=0.0)  # fmt: skip
-            w = tl.load(w_ptr + d * K + (K - 1 - j), mask=dm, other=0.0).to(tl.float32)
-            dx += dpre * w[None, :]
-            if j == 0:  # each time's dpre once: the weight and bias gradients
-                dbias += dpre
-                # x at t - K + 1 + k for every k (rows k >= K, padding, are never stored)
-                src = t[None, :, None] - (K - 1) + kk[:, None, None]
-                x = _load_x(x_ptr, b, src, d[None, None, :], L, Dm, s_x_b, s_x_t)
-                dw += dpre[None, :, :] * x
-        tl.store(dx_ptr + (b * L + t[:, None]) * Dm + d[None, :], dx,
-                 mask=(t < L)[:, None] & dm[None, :])  # fmt: skip
-    tl.atomic_add(dbias_ptr + d, tl.sum(dbias, axis=0), mask=dm, sem="relaxed")
-    tl.atomic_add(
-        dw_ptr + d[None, :] * K + kk[:, None],
-        tl.sum(dw, axis=1),
-        mask=dm[None, :] & (kk[:, None] < K),
-        sem="relaxed",
-    )
+    rows = x_ptr + b * s_x_b + d, dy_ptr + b * s_dy_b + d, dx_ptr + b * s_dx_b + d
+    w = ()
+    for k in tl.static_range(K):
+        w += (tl.load(w_ptr + d * K + k, mask=dm, other=0.0).to(tl.float32),)
+    bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    zero = tl.zeros((BD,), dtype=tl.float32)
+    xs, dpres, dw, dbias = (zero,) * (K - 1), (zero,) * (K - 1), (zero,) * K, zero
+    dy_end = tl.minimum(L, t0 + T + K - 1)
+    xs, dpres, dw, dbias = _walk_back(*rows, t0 + T + 2 * (K - 1) - 1, L, dy_end, d, Dm, s_x_t,
+                                      s_dy_t, s_dx_t, w, bias, xs, dpres, dw, dbias, K,
+                                      R=2 * (K - 1), OWN=False)  # fmt: skip
+    # R >= K - 1, so the windows a loop iteration hands on are all its own values: Triton
+    # software-pipelines no loop that passes on values from two iterations back.
+    for i in tl.range(T // R, num_stages=STAGES):
+        xs, dpres, dw, dbias = _walk_back(*rows, t0 + T - 1 - i * R, L, dy_end, d, Dm, s_x_t,
+                                          s_dy_t, s_dx_t, w, bias, xs, dpres, dw, dbias, K,
+                                          R=R, OWN=True)  # fmt: skip
+    # Atomics rather than a buffer of partial sums and a reduction: each program adds
+    # (K + 1) BD values, L / T programs to an address, nothing next to its rows' traffic.
+    tl.atomic_add(dbias_ptr + d, dbias, mask=dm, sem="relaxed")
+    for k in tl.static_range(K):
+        tl.atomic_add(dw_ptr + d * K + k, dw[k], mask=dm, sem="relaxed")
 
 
-def _grid(b: int, L: int, Dm: int):
-    def grid(meta):
-        span = meta["BT"] * meta.get("STEPS", 1)
-        return b, triton.cdiv(L, span), triton.cdiv(Dm, meta["BD"])
-
-    return grid
+def _grid(b: int, L: int, Dm: int, times: str):
+    """Programs over (batch, blocks of meta[times] times, blocks of BD channels)."""
+    return lambda meta: (b, triton.cdiv(L, meta[times]), triton.cdiv(Dm, meta["BD"]))
 
 
 # Custom ops rather than an autograd.Function behind torch.compiler.disable: torch.compile
@@ -138,8 +167,8 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     b, L, Dm = x.shape
     weight = weight.contiguous()
     y = torch.empty(b, L, Dm, device=x.device, dtype=x.dtype)
-    _conv_fwd[_grid(b, L, Dm)](x, weight, bias, y, L, Dm, x.stride(0), x.stride(1),
-                               K=weight.shape[1])  # fmt: skip
+    _conv_fwd[_grid(b, L, Dm, "BT")](x, weight, bias, y, L, Dm, x.stride(0), x.stride(1),
+                                     K=weight.shape[1])  # fmt: skip
     return y
 
 
@@ -148,23 +177,36 @@ def _(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
+def conv_silu_backward(
+    x: Tensor, weight: Tensor, bias: Tensor, dy: Tensor, dx: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The backward of ``causal_conv1d_silu`` for ops that fuse it with its neighbours: x,
+    dy and dx (b, L, channels) of any batch and time strides, unit channel stride (dx a
+    slice of a wider buffer, say: only its own columns are written). Writes x's gradient
+    into dx, in dx's dtype; returns the weight's and the bias's, in fp32."""
+    b, L, Dm = x.shape
+    K = weight.shape[1]
+    for name, t, shape in (("dy", dy, x.shape), ("dx", dx, x.shape), ("bias", bias, (Dm,))):
+        if t.shape != shape:
+            raise ValueError(f"conv_silu_backward: {name} of shape {tuple(t.shape)}, not {shape}")
+    for name, t in (("x", x), ("dy", dy), ("dx", dx)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"conv_silu_backward: {name} needs unit channel stride")
+    weight, bias = weight.contiguous(), bias.contiguous()
+    dw = torch.zeros(Dm, K, device=x.device, dtype=torch.float32)
+    dbias = torch.zeros(Dm, device=x.device, dtype=torch.float32)
+    _conv_bwd[_grid(b, L, Dm, "T")](
+        x, weight, bias, dy, dx, dw, dbias, L, Dm, x.stride(0), x.stride(1), dy.stride(0),
+        dy.stride(1), dx.stride(0), dx.stride(1), K=K,
+    )  # fmt: skip
+    return dw, dbias
+
+
 @torch.library.custom_op("hybridscale::causal_conv1d_silu_backward", mutates_args=())
 def _backward(x: Tensor, weight: Tensor, bias: Tensor, dy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    b, L, Dm = x.shape
-    weight, dy = weight.contiguous(), dy.contiguous()
-    # Two passes: dpre once per element (recomputing the conv), then dx and the weight
-    # gradients from it (a single pass recomputed dpre at each of the K shifts).
-    dpre = torch.empty(b, L, Dm, device=x.device, dtype=torch.float32)
-    _conv_dpre[_grid(b, L, Dm)](x, weight, bias, dy, dpre, L, Dm, x.stride(0), x.stride(1),
-                                K=weight.shape[1])  # fmt: skip
-    dx = torch.empty(b, L, Dm, device=x.device, dtype=x.dtype)
-    dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
-    dbias = torch.zeros(Dm, device=x.device, dtype=torch.float32)
-    _conv_bwd[_grid(b, L, Dm)](x, weight, dpre, dx, dw, dbias, L, Dm,
-                               x.stride(0), x.stride(1), K=weight.shape[1],
-                               KP=triton.next_power_of_2(weight.shape[1]))  # fmt: skip
+    x, dy = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dy))
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dw, dbias = conv_silu_backward(x, weight, bias, dy, dx)
     return dx, dw.to(weight.dtype), dbias.to(bias.dtype)
 
 
