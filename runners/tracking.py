@@ -5,12 +5,14 @@ so several trials can log from one process or from Ray workers without crossing.
 """
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+MAX_METRICS = 1000  # per log_batch call, MLflow's limit
 STATUS_TAG = "hybridscale.status"  # finished | diverged | oom | failed | pruned | interrupted
 MLFLOW_STATUS = {
     "finished": "FINISHED", "diverged": "FAILED", "oom": "FAILED", "failed": "FAILED",
@@ -56,10 +58,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class RunLog:
-    """Writes to one MLflow run."""
+    """Writes to one MLflow run. Metrics are held, and written together once
+    ``flush_every_s`` has passed since the last write (0: at once): a call to a sqlite
+    store takes ~5 ms for one step's few metrics but only ~60 ms for 700, so a training
+    loop writes many steps at a time. ``flush`` writes what is held; so does ``end``."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self.client, self.run_id = client, run_id
+    def __init__(self, client: MlflowClient, run_id: str, flush_every_s: float = 0.0) -> None:
+        self.client, self.run_id, self.flush_every_s = client, run_id, flush_every_s
+        self._held: list[Metric] = []
+        self._flushed_at = time.monotonic()
 
     def params(self, params: dict[str, str]) -> None:
         items = [Param(k, v[:6000]) for k, v in params.items()]
@@ -70,12 +77,20 @@ class RunLog:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def metrics(self, values: dict[str, float], step: int, timestamp_ms: int) -> None:
-        items = [Metric(k, float(v), timestamp_ms, step) for k, v in values.items()]
-        self.client.log_batch(self.run_id, metrics=items)
+        self._held += [Metric(k, float(v), timestamp_ms, step) for k, v in values.items()]
+        if time.monotonic() - self._flushed_at >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._held:  # a chunk leaves only once written: a failed write loses nothing
+            self.client.log_batch(self.run_id, metrics=self._held[:MAX_METRICS])
+            del self._held[:MAX_METRICS]
+        self._flushed_at = time.monotonic()
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 
     def end(self, status: str) -> None:
+        self.flush()
         self.tags({STATUS_TAG: status})
         self.client.set_terminated(self.run_id, MLFLOW_STATUS[status])

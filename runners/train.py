@@ -43,6 +43,7 @@ from runners.tracking import RunLog, experiment_id, flatten
 
 # Dense bf16 peak of the GPUs MFU is reported against (FLOP/s).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+METRICS_FLUSH_S = 10.0  # how long step metrics wait to be written to MLflow together
 
 
 class TrialDiverged(Exception):
@@ -98,10 +99,9 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)  # a sum: gloo has no average
-    return tensor.item() / dist.get_world_size()
+def _mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(tensor)  # in place, a sum: gloo has no average
+    return tensor / dist.get_world_size()
 
 
 class _Quiet:
@@ -192,6 +192,8 @@ class Trainer:
         self.step, self.history, self.run_id = 0, [], None
         self.flops_per_token = flops_per_token(trial.model, self.seq_len)["training"]
         self.client = MlflowClient(options.tracking_uri) if self.chief else None
+        self.log: RunLog | _Quiet = _Quiet()  # the trial's MLflow run, once run() opens it
+        self._ahead: tuple[int, tuple[torch.Tensor, ...]] | None = None  # (step, its batch)
 
     # ---- state ------------------------------------------------------------------------
 
@@ -250,6 +252,7 @@ class Trainer:
         return True
 
     def checkpoint(self) -> None:
+        self.log.flush()  # every step a checkpoint holds is in MLflow before it exists
         if self.chief or self.shard:
             state = self._state()
             if self.chief:
@@ -262,7 +265,7 @@ class Trainer:
             return _Quiet()
         if self.run_id is not None:
             self.client.update_run(self.run_id, status="RUNNING")
-            return RunLog(self.client, self.run_id)
+            return RunLog(self.client, self.run_id, METRICS_FLUSH_S)
         trial, model = self.trial, self.trial.model
         counts = param_counts(model)
         tags = {
@@ -286,7 +289,7 @@ class Trainer:
             exp, run_name=run_name, tags={k: str(v) for k, v in tags.items()}
         )
         self.run_id = run.info.run_id
-        log = RunLog(self.client, self.run_id)
+        log = RunLog(self.client, self.run_id, METRICS_FLUSH_S)
         log.params(flatten(trial.model_dump(mode="json")))
         return log
 
@@ -297,16 +300,29 @@ class Trainer:
             logits = self.wrapped(inputs)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
+    def _batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """This rank's slice of batch ``step`` on the device; on CUDA copied from pinned
+        memory without blocking, so the copy waits in the queue rather than the CPU."""
+        t = self.trial.training
+        inputs, targets = self.data.train_batch(t.seed, step, t.batch_size)
+        mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        inputs, targets = inputs[mine], targets[mine]
+        if self.device.type == "cuda":
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
     def _train_step(self) -> tuple[float, float, float]:
+        """One optimizer step, with one host sync: the GPU is kept fed until the loss and
+        gradient norm are read back together at the end."""
         t = self.trial.training
         lr = lr_at(self.step, self.total_steps, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets = self.data.train_batch(t.seed, self.step, t.batch_size)
-        mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-        inputs, targets = inputs[mine].to(self.device), targets[mine].to(self.device)
+        # Drawn during the last step; a batch drawn for a step that never ran is dropped.
+        ahead, self._ahead = self._ahead, None
+        inputs, targets = ahead[1] if ahead and ahead[0] == self.step else self._batch(self.step)
         n_micro = self.local_batch // self.micro
-        total = 0.0
+        losses = []
         for i in range(n_micro):
             chunk = slice(i * self.micro, (i + 1) * self.micro)
             # DDP ranks average their gradients once a step, in the last micro-batch's
@@ -316,17 +332,23 @@ class Trainer:
             with self.ddp.no_sync() if defer else contextlib.nullcontext():
                 loss = self.loss(inputs[chunk], targets[chunk])
                 (loss / n_micro).backward()
-            total += loss.item() / n_micro
+            losses.append(loss.detach())
+        total = torch.stack(losses).double().mean()
         if self.world > 1:  # every rank judges divergence on the same, global, loss
-            total = _mean_over_ranks(total, self.device)
-        clip = t.grad_clip or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
-        # Worse than twice a uniform guess, or not a number: the run has blown up.
-        if not math.isfinite(total) or total > 2 * math.log(self.trial.model.vocab_size):
-            raise TrialDiverged(f"loss {total:.4g} at step {self.step}")
+            total = _mean_over_ranks(total)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
+        if isinstance(norm, DTensor):  # sharded: each rank holds a part of the norm
+            norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.step + 1 < self.total_steps:  # the next batch, drawn while the GPU works
+            self._ahead = self.step + 1, self._batch(self.step + 1)
+        total, grad_norm = torch.stack([total, norm.double()]).tolist()  # the one sync
+        # Worse than twice a uniform guess, or not a number: the run has blown up. Judged
+        # after this step's update was queued, which is harmless: the trial ends here, and
+        # _fail never checkpoints, so the update is never kept.
+        if not math.isfinite(total) or total > 2 * math.log(self.trial.model.vocab_size):
+            raise TrialDiverged(f"loss {total:.4g} at step {self.step}")
         return total, grad_norm, lr
 
     def evaluate(self) -> dict:
@@ -340,31 +362,31 @@ class Trainer:
         if self.chief:  # lets an operator find the worker
             (self.dir / "pid").write_text(str(os.getpid()))
         self._restore()
-        log = self._open_run()
+        self.log = self._open_run()
         self.model.train()
         t, options = self.trial.training, self.options
         eval_every = (
             max(1, t.eval_every_tokens // self.tokens_per_step) if t.eval_every_tokens else None
         )
         peak = peak_flops(self.device)
-        steps_run = 0
+        steps_run, last_end = 0, None
         try:
             while self.step < self.total_steps:
                 if options.stop_after_steps is not None and steps_run >= options.stop_after_steps:
                     self.checkpoint()
                     return TrialOutcome(self.trial.trial_id, "interrupted", self.run_id)
-                start = time.perf_counter()
+                # A step is timed from the last one's end, so the loop's own work between
+                # steps counts; from its own start after a (re)start, evaluation or checkpoint.
+                start = last_end or time.perf_counter()
                 loss, grad_norm, lr = self._train_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
+                last_end = time.perf_counter()
                 self.step += 1
                 steps_run += 1
                 tokens = self.step * self.tokens_per_step
                 self.history.append((self.step, tokens, loss))
                 metrics = {
                     "train_loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                    "tokens_per_s": self.tokens_per_step / elapsed,
+                    "tokens_per_s": self.tokens_per_step / (last_end - start),
                 }  # fmt: skip
                 if peak:
                     metrics["mfu"] = (
@@ -377,38 +399,41 @@ class Trainer:
                 )
                 if evaluated:
                     metrics.update(self.evaluate())
-                if self.step % options.log_every == 0 or self.step == self.total_steps:
-                    log.metrics(metrics, self.step, int(time.time() * 1000))
+                if evaluated or self.step % options.log_every == 0 or self.step == self.total_steps:
+                    self.log.metrics(metrics, self.step, int(time.time() * 1000))
                     self._log_line(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-                if evaluated and options.on_eval and options.on_eval(self.step, tokens, metrics):
-                    self.checkpoint()
-                    return self._fail(log, "pruned", f"pruned at step {self.step}")
+                if evaluated:
+                    self.log.flush()  # evaluations are what a study watches: no waiting
+                    last_end = None
+                    if options.on_eval and options.on_eval(self.step, tokens, metrics):
+                        self.checkpoint()
+                        return self._fail("pruned", f"pruned at step {self.step}")
                 if self.step % options.checkpoint_every == 0:
                     self.checkpoint()
+                    last_end = None
             evaluation = self.evaluate()
-            log.metrics(evaluation, self.step, int(time.time() * 1000))
+            self.log.metrics(evaluation, self.step, int(time.time() * 1000))
             tokens = self.step * self.tokens_per_step
             final = {**evaluation, "train_loss": self.history[-1][2], "tokens": tokens}
             self.checkpoint()
             if self.chief:
-                self._artifacts(log, final)
+                self._artifacts(final)
             self._log_line(f"finished: {final}")
-            log.end("finished")
+            self.log.end("finished")
             return TrialOutcome(self.trial.trial_id, "finished", self.run_id, final)
         except KeyboardInterrupt:
             if not self.shard:  # gathering shards needs every rank, and they may be gone
                 self.checkpoint()
-            if self.chief:
-                log.end("interrupted")
+            self.log.end("interrupted")  # with the metrics still held
             raise
         except TrialDiverged as err:
-            return self._fail(log, "diverged", str(err))
+            return self._fail("diverged", str(err))
         except torch.cuda.OutOfMemoryError:
-            return self._fail(log, "oom", f"CUDA out of memory at micro-batch {self.micro}")
+            return self._fail("oom", f"CUDA out of memory at micro-batch {self.micro}")
         except Exception as err:  # recorded on the run; the scheduler decides on retries
             if self.chief:
-                log.client.log_text(self.run_id, traceback.format_exc(), "traceback.txt")
-            return self._fail(log, "failed", f"{type(err).__name__}: {err}")
+                self.client.log_text(self.run_id, traceback.format_exc(), "traceback.txt")
+            return self._fail("failed", f"{type(err).__name__}: {err}")
 
     def _log_line(self, text: str) -> None:
         """The trial's own log file, beside its checkpoint: step lines and its ending."""
@@ -417,18 +442,20 @@ class Trainer:
         with open(self.dir / "train.log", "a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {self.step}: {text}\n")
 
-    def _fail(self, log: RunLog, status: str, reason: str) -> TrialOutcome:
+    def _fail(self, status: str, reason: str) -> TrialOutcome:
+        """End the run as ``status``, writing its held metrics; it never checkpoints, so a
+        diverged step's update is never kept."""
         self._log_line(f"{status}: {reason}")
-        log.tags({"hybridscale.reason": reason})
-        log.end(status)
+        self.log.tags({"hybridscale.reason": reason})
+        self.log.end(status)
         return TrialOutcome(self.trial.trial_id, status, self.run_id, reason=reason)
 
-    def _artifacts(self, log: RunLog, final: dict) -> None:
+    def _artifacts(self, final: dict) -> None:
         (self.dir / "config.yaml").write_text(yaml.safe_dump(self.trial.model_dump(mode="json")))
         (self.dir / "metrics.json").write_text(json.dumps(final, indent=2))
         _plot_loss(self.history, self.dir / "loss_curve.png", self.trial.trial_id)
         for name in ("config.yaml", "metrics.json", "loss_curve.png"):
-            log.artifact(self.dir / name)
+            self.log.artifact(self.dir / name)
 
 
 def _plot_loss(history: list, path: Path, title: str) -> None:

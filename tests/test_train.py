@@ -1,4 +1,5 @@
 import math
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -153,3 +154,81 @@ def test_compiled_step_matches_eager(tmp_path, corpus_dir, data_cache):
         assert trainer.run().status == "finished"
         curves.append([h[2] for h in trainer.history])
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+
+
+def logged(uri: str, run_id: str, metric: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, metric))
+
+
+def test_held_metrics_reach_mlflow_however_a_trial_ends(tmp_path, corpus_dir, data_cache):
+    """Step metrics are held and written in batches: every step's must be in MLflow,
+    once, when a trial finishes, is interrupted (up to the interruption) or diverges (the
+    steps before it). No checkpoint comes between (checkpoint_every 1000), so nothing is
+    written before the trial ends; the reference is the trainer's own loss history."""
+    runs = {}
+    for name, training, kw in [
+        ("finished", {}, {}),
+        ("interrupted", {}, {"stop_after_steps": 5}),
+        ("diverged", {"lr": 3.0, "warmup_fraction": 0.95}, {}),  # blows up a few steps in
+    ]:
+        opts = options(tmp_path / name, data_cache, checkpoint_every=1000, **kw)
+        trainer = Trainer(tiny_trial(corpus_dir, **training), opts)
+        runs[name] = trainer, trainer.run()
+
+    def check(name: str, steps: int) -> None:
+        trainer, outcome = runs[name]
+        assert outcome.status == name, outcome.reason
+        uri = trainer.options.tracking_uri
+        expected = [(step, loss) for step, _, loss in trainer.history]
+        assert [s for s, _ in expected] == list(range(1, steps + 1))
+        assert logged(uri, outcome.run_id, "train_loss") == expected
+        for metric in ("grad_norm", "lr", "tokens", "tokens_per_s"):
+            assert [s for s, _ in logged(uri, outcome.run_id, metric)] == list(range(1, steps + 1))
+
+    check("finished", 12)
+    check("interrupted", 5)
+    diverged_at = int(runs["diverged"][1].reason.rsplit(" ", 1)[1])  # "loss X at step S"
+    assert diverged_at >= 2  # else there is nothing before it to lose
+    check("diverged", diverged_at)  # steps 0..S-1 ran, logged as 1..S
+
+
+def test_run_log_holds_metrics_until_flushed_in_batches_mlflow_accepts(tmp_path):
+    """Held rows are written on flush, more than MLflow's 1000 metrics a call included;
+    with no interval (the default) each row is written at once."""
+    from runners.tracking import RunLog, experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = experiment_id(client, "t", uri)
+    held = RunLog(client, client.create_run(exp).info.run_id, flush_every_s=3600)
+    for step in range(1, 401):
+        held.metrics({"a": step, "b": -step, "c": step / 2}, step, 1000 + step)
+    assert logged(uri, held.run_id, "a") == []
+    held.flush()
+    for metric, sign in (("a", 1), ("b", -1), ("c", 0.5)):
+        assert logged(uri, held.run_id, metric) == [(s, sign * s) for s in range(1, 401)]
+    at_once = RunLog(client, client.create_run(exp).info.run_id)
+    at_once.metrics({"a": 1.5}, 7, 1000)
+    assert logged(uri, at_once.run_id, "a") == [(7, 1.5)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a GPU matter")
+def test_a_training_step_waits_for_the_gpu_once(tmp_path, corpus_dir, data_cache):
+    """PyTorch's own sync debug mode warns at every operation that makes the host wait
+    for the GPU: a step of two micro-batches (the next batch drawn meanwhile) has one,
+    where it reads the loss and gradient norm back."""
+    trial = tiny_trial(corpus_dir, micro_batch_size=4)
+    trainer = Trainer(trial, options(tmp_path, data_cache, device="cuda"))
+    trainer._train_step()  # first use: allocations, kernel builds
+    trainer.step += 1
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                trainer._train_step()
+                trainer.step += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing CUDA operation" in str(w.message)]
+    assert len(syncs) == 3, [str(w.message) for w in caught]
