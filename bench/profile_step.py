@@ -2,7 +2,7 @@
 throughput benchmark's models, grouped (matmuls, attention, our Triton kernels, Inductor's
 fused elementwise kernels, ...), the top kernels by time, and the graph breaks.
 
-    python bench/profile_step.py [--size 350m] [--models nanogpt transformer hybrid]
+    python bench/profile_step.py [--size 350m] [--models nanogpt transformer hybrid] [--top 20]
 """
 
 import argparse
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["nanogpt", "transformer", "hybrid"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--top", type=int, default=20, help="how many kernels to list")
     args = parser.parse_args()
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     models = builds(args.size)
@@ -57,7 +58,7 @@ def main() -> None:
         for _ in range(3):  # compile and warm up
             step()
         breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-        report(f"{name} {args.size}, one step, {breaks} graph breaks", kernel_times(step))
+        report(f"{name} {args.size}, one step, {breaks} graph breaks", kernel_times(step), args.top)
         del step
         torch.cuda.empty_cache()
 
