@@ -37,7 +37,8 @@ class Mamba2(nn.Module):
 
     ssd_impl picks the scan, conv and gated norm: the fused Triton kernels of
     ``arch.kernels`` ("triton"; "auto" on CUDA) or the PyTorch reference ("torch"; "auto"
-    elsewhere).
+    elsewhere). On the kernels, training (no cache) runs them as one op from in_proj's
+    output to out_proj's input (``arch.kernels.mamba2_inner``).
     """
 
     def __init__(
@@ -86,9 +87,12 @@ class Mamba2(nn.Module):
         """Causal depthwise conv + SiLU over (b, L, conv_dim)."""
         return F.silu(self.conv1d(xBC.transpose(1, 2))[..., : xBC.shape[1]]).transpose(1, 2)
 
+    def _on_kernels(self, u: Tensor) -> bool:
+        return self.ssd_impl == "triton" or (self.ssd_impl == "auto" and u.is_cuda)
+
     def _ops(self, u: Tensor) -> tuple:
         """(chunked scan, decode step, conv + SiLU, gated norm) for this input's device."""
-        if self.ssd_impl == "torch" or (self.ssd_impl == "auto" and not u.is_cuda):
+        if not self._on_kernels(u):
             return ssd_chunked, ssd_step, self._conv_silu, self.norm
         # Imported here: Triton reads TRITON_INTERPRET when the kernels are defined, and
         # CPU-only installs may not have it.
@@ -111,11 +115,19 @@ class Mamba2(nn.Module):
     def forward(self, u: Tensor, cache: dict | None = None) -> Tensor:
         if cache and u.shape[1] == 1:
             return self._step(u, cache)
-        batch, seqlen, _ = u.shape
+        if cache is None and self._on_kernels(u):  # training: one op from in_proj to out_proj
+            from arch.kernels.mamba2_inner import mamba2_inner
+
+            y = mamba2_inner(
+                self.in_proj(u), self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias,
+                -self.A_log.exp(), self.D, self.norm.weight, self.ngroups, self.headdim,
+                self.chunk_size, self.norm.eps,
+            )  # fmt: skip
+            return self.out_proj(y)
         scan, _, conv_silu, norm = self._ops(u)
         z, xBC, dt = self._split(self.in_proj(u))
         if cache is not None:  # keep the last d_conv conv inputs, zero-padded on the left
-            conv_in = F.pad(xBC.transpose(1, 2), (max(0, self.d_conv - seqlen), 0))
+            conv_in = F.pad(xBC.transpose(1, 2), (max(0, self.d_conv - u.shape[1]), 0))
             store(cache, "conv", conv_in[..., -self.d_conv :])
         xBC = conv_silu(xBC)
         x, B, C = xBC.split(

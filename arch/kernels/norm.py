@@ -41,11 +41,10 @@ def _norm_fwd(x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, GS, eps, s_x, s_z,
 @triton.autotune(_CONFIGS, key=["GS"], cache_results=True)
 @triton.jit
 def _norm_bwd(x_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dx_ptr, dz_ptr, dw_ptr,
-              M, GS, s_x, s_z, ROWS, BLOCK: tl.constexpr):  # fmt: skip
+              M, GS, s_x, s_z, s_dout, s_dx, s_dz, ROWS, BLOCK: tl.constexpr):  # fmt: skip
     """ROWS rows of one group; the weight's gradient is summed over them (dw_ptr has one
     row per program along the rows)."""
     start, grp = tl.program_id(0).to(tl.int64) * ROWS, tl.program_id(1)
-    D = tl.num_programs(1) * GS
     cols = grp * GS + tl.arange(0, BLOCK)
     ok = tl.arange(0, BLOCK) < GS
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
@@ -54,13 +53,13 @@ def _norm_bwd(x_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dx_ptr, dz_ptr, dw_ptr,
         x, z, sig, g = _gated(x_ptr, z_ptr, row, cols, ok, s_x, s_z)
         rstd = tl.load(rstd_ptr + row * tl.num_programs(1) + grp)
         n = g * rstd
-        dout = tl.load(dout_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + row * s_dout + cols, mask=ok, other=0.0).to(tl.float32)
         dw += dout * n
         dn = dout * w
         dg = rstd * (dn - n * tl.sum(dn * n, axis=0) / GS)
-        tl.store(dx_ptr + row * D + cols, dg * z * sig, mask=ok)
-        tl.store(dz_ptr + row * D + cols, dg * x * sig * (1.0 + z * (1.0 - sig)), mask=ok)
-    tl.store(dw_ptr + tl.program_id(0) * D + cols, dw, mask=ok)
+        tl.store(dx_ptr + row * s_dx + cols, dg * z * sig, mask=ok)
+        tl.store(dz_ptr + row * s_dz + cols, dg * x * sig * (1.0 + z * (1.0 - sig)), mask=ok)
+    tl.store(dw_ptr + tl.program_id(0) * tl.num_programs(1) * GS + cols, dw, mask=ok)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -71,7 +70,7 @@ def _rows(t: Tensor) -> Tensor:
 
 # Custom ops, so torch.compile keeps one graph around them (see arch/kernels/conv.py).
 @torch.library.custom_op("hybridscale::rmsnorm_gated", mutates_args=())
-def _forward(
+def rmsnorm_gated_forward(
     x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int
 ) -> tuple[Tensor, Tensor]:
     """(out, rstd per row and group)."""
@@ -86,30 +85,41 @@ def _forward(
     return out.view(shape), rstd
 
 
-@_forward.register_fake
+@rmsnorm_gated_forward.register_fake
 def _(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int):
     rows = x.numel() // x.shape[-1]
     return x.new_empty(x.shape), x.new_empty(rows, x.shape[-1] // group_size, dtype=torch.float32)
+
+
+def rmsnorm_gated_backward(
+    x: Tensor, z: Tensor, weight: Tensor, rstd: Tensor, dout: Tensor, group_size: int,
+    dx: Tensor, dz: Tensor,
+) -> Tensor:  # fmt: skip
+    """Writes the gradients of x and z into dx and dz, (..., d) views of any row stride
+    (slices of wider buffers, say); returns the weight's, in fp32."""
+    x, z, dout = _rows(x), _rows(z), _rows(dout)
+    dx, dz = dx.view(-1, dx.shape[-1]), dz.view(-1, dz.shape[-1])
+    M, D = x.shape
+    programs = min(M, 1024)  # enough to fill the GPU; each sums dw over its rows
+    rows = triton.cdiv(M, programs)
+    programs = triton.cdiv(M, rows)
+    dw = torch.empty(programs, D, device=x.device, dtype=torch.float32)
+    _norm_bwd[(programs, D // group_size)](
+        x, z, weight, rstd, dout, dx, dz, dw, M, group_size, x.stride(0), z.stride(0),
+        dout.stride(0), dx.stride(0), dz.stride(0), rows,
+        BLOCK=triton.next_power_of_2(group_size),
+    )  # fmt: skip
+    return dw.sum(0)
 
 
 @torch.library.custom_op("hybridscale::rmsnorm_gated_backward", mutates_args=())
 def _backward(
     x: Tensor, z: Tensor, weight: Tensor, rstd: Tensor, dout: Tensor, group_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    shape = x.shape
-    x, z = _rows(x), _rows(z)
-    M, D = x.shape
-    dout = dout.reshape(M, D).contiguous()
-    dx = torch.empty(M, D, device=x.device, dtype=x.dtype)
-    dz = torch.empty(M, D, device=x.device, dtype=z.dtype)
-    programs = min(M, 1024)  # enough to fill the GPU; each sums dw over its rows
-    rows = triton.cdiv(M, programs)
-    programs = triton.cdiv(M, rows)
-    dw = torch.empty(programs, D, device=x.device, dtype=torch.float32)
-    _norm_bwd[(programs, D // group_size)](x, z, weight, rstd, dout, dx, dz, dw, M, group_size,
-                                           x.stride(0), z.stride(0), rows,
-                                           BLOCK=triton.next_power_of_2(group_size))  # fmt: skip
-    return dx.view(shape), dz.view(shape), dw.sum(0).to(weight.dtype)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dz = torch.empty(z.shape, device=x.device, dtype=z.dtype)
+    dw = rmsnorm_gated_backward(x, z, weight, rstd, dout, group_size, dx, dz)
+    return dx, dz, dw.to(weight.dtype)
 
 
 @_backward.register_fake
@@ -126,9 +136,9 @@ def _grads(ctx, dout: Tensor, _drstd: Tensor) -> tuple:
     return *_backward(*ctx.saved_tensors, dout, ctx.group_size), None, None
 
 
-_forward.register_autograd(_grads, setup_context=_save)
+rmsnorm_gated_forward.register_autograd(_grads, setup_context=_save)
 
 
 def rmsnorm_gated(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
     """x, z (..., d), weight (d,) -> (..., d) in x's dtype."""
-    return _forward(x, z, weight, eps, group_size)[0]
+    return rmsnorm_gated_forward(x, z, weight, eps, group_size)[0]

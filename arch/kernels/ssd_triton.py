@@ -704,7 +704,16 @@ def _forward(x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, init):
     return out, final, (dtp, a, cb, states, ypre)
 
 
-def _backward(dout, dfinal, x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, saved):
+def _cast(t: Tensor, dtype: torch.dtype, out: Tensor | None) -> Tensor:
+    """t in dtype: into ``out`` when given, in one pass."""
+    return t.to(dtype) if out is None else out.copy_(t)
+
+
+def _backward(dout, dfinal, x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, saved, into=None):
+    """The gradients by input name; those of x, B, C and dt written into the tensors
+    ``into`` names (any batch and time strides, the rest packed: slices of a wider buffer,
+    say), the others fresh."""
+    into = into or {}
     dtp, a, cb, states, ypre = saved
     dev, f32 = x.device, torch.float32
     grads = {}
@@ -731,7 +740,7 @@ def _backward(dout, dfinal, x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, 
     grads["initial_states"] = dinit
 
     # x, dt (but for its decay), D.
-    dx = torch.empty(s.b, s.L, s.H, s.P, device=dev, dtype=x.dtype)
+    dx = into["x"] if "x" in into else torch.empty(s.b, s.L, s.H, s.P, device=dev, dtype=x.dtype)
     ddt, da_own = torch.empty_like(dtp), torch.empty_like(dtp)
     dD = torch.zeros(D.shape if D is not None else 1, device=dev, dtype=f32)
     _chunk_scan_bwd_dx[_rows(s)](
@@ -767,7 +776,8 @@ def _backward(dout, dfinal, x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, 
             dcb, v, out, s.L, s.G, s.NC, s.Q, s.N, v.stride(0), v.stride(1), TRANS=trans,
             PREC=s.prec,
         )  # fmt: skip
-    grads["C"], grads["B"] = dC_off.to(C.dtype), dB_own.to(B.dtype)
+    grads["C"] = _cast(dC_off, C.dtype, into.get("C"))
+    grads["B"] = _cast(dB_own, B.dtype, into.get("B"))
 
     # dt and A, through the decays.
     ddt_out = torch.empty(s.b, s.L, s.H, device=dev, dtype=f32)
@@ -778,7 +788,7 @@ def _backward(dout, dfinal, x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, 
         s.L, s.H, s.NC, s.Q, dt.stride(0), dt.stride(1), ddt_out.stride(0), ddt_out.stride(1),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, BH=s.BH, BQ=s.BQ,
     )  # fmt: skip
-    grads["dt"] = ddt_out.to(dt.dtype)
+    grads["dt"] = _cast(ddt_out, dt.dtype, into.get("dt"))
     grads["A"] = dA.sum((0, 1)).to(A.dtype)
     if dt_bias is not None:
         grads["dt_bias"] = dbias.sum((0, 1)).to(dt_bias.dtype)
@@ -791,7 +801,7 @@ _GRADS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 
 @torch.library.custom_op("hybridscale::ssd_chunked", mutates_args=())
-def _ssd_forward(
+def ssd_chunked_forward(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
     D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool,
     initial_states: Tensor | None,
@@ -809,7 +819,7 @@ def _ssd_forward(
     return out, final, dtp, a, cb, states, ypre if ypre is not None else out.new_empty(0)
 
 
-@_ssd_forward.register_fake
+@ssd_chunked_forward.register_fake
 def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states):
     (b, L, H, P), (G, N) = x.shape, B.shape[2:]
     Q, NC = chunk_size, (L + chunk_size - 1) // chunk_size
@@ -871,7 +881,22 @@ def _ssd_grads(ctx, dout: Tensor, dfinal: Tensor | None, *_intermediates) -> tup
                  for name, need in zip(inputs, ctx.needs_input_grad, strict=True))  # fmt: skip
 
 
-_ssd_forward.register_autograd(_ssd_grads, setup_context=_ssd_save)
+ssd_chunked_forward.register_autograd(_ssd_grads, setup_context=_ssd_save)
+
+
+def ssd_chunked_backward(
+    dout: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+    D: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool, saved: tuple,
+    into: dict[str, Tensor],
+) -> dict[str, Tensor]:  # fmt: skip
+    """The backward of ``hybridscale::ssd_chunked`` without a gate, initial or final state
+    (``saved``: the op's outputs dt, log decays, C.B and chunk states), for ops that fuse
+    the scan with its neighbours: the gradients by name, those of x, B, C and dt written
+    into the tensors ``into`` names (see _backward)."""
+    x, dt, B, C, dout = _packed(x), _packed(dt), _packed(B), _packed(C), _packed(dout)
+    with torch.autocast(x.device.type, enabled=False):
+        return _backward(dout, None, x, dt, A, B, C, _Shape(x, B, chunk_size), D, None,
+                         dt_bias, dt_softplus, (*saved, None), into)  # fmt: skip
 
 
 def ssd_chunked_triton(
@@ -890,7 +915,7 @@ def ssd_chunked_triton(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``arch.ssd.ssd_chunked`` on Triton kernels: same arguments, same results."""
     B, C = B.to(x.dtype), C.to(x.dtype)  # one dtype for the tensor-core products
-    y, final, *_ = _ssd_forward(
+    y, final, *_ = ssd_chunked_forward(
         x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states
     )
     return (y, final) if return_final_states else y
