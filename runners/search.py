@@ -234,10 +234,12 @@ def run_search(spec: StudySpec, options: StudyOptions, settings: SearchOptions) 
             show(trial.number, f"infeasible: {err}")
             return
         attrs = {
-            "config": config.model_dump_json(), "trial_id": config.trial_id,
-            "pattern": config.model.pattern, "d_model": config.model.d_model,
-            "params": param_counts(config.model)["total"],
+            "trial_id": config.trial_id, "pattern": config.model.pattern,
+            "d_model": config.model.d_model, "params": param_counts(config.model)["total"],
             **decode_costs(config.model, search),
+            # Last: a restarted search resumes a trial that has its config as it is, so a
+            # driver killed while these were written must leave none or all of them.
+            "config": config.model_dump_json(),
         }  # fmt: skip
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
