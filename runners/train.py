@@ -193,7 +193,6 @@ class Trainer:
         self.flops_per_token = flops_per_token(trial.model, self.seq_len)["training"]
         self.client = MlflowClient(options.tracking_uri) if self.chief else None
         self.log: RunLog | _Quiet = _Quiet()  # the trial's MLflow run, once run() opens it
-        self._ahead: tuple[int, tuple[torch.Tensor, ...]] | None = None  # (step, its batch)
 
     # ---- state ------------------------------------------------------------------------
 
@@ -318,9 +317,8 @@ class Trainer:
         lr = lr_at(self.step, self.total_steps, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # Drawn during the last step; a batch drawn for a step that never ran is dropped.
-        ahead, self._ahead = self._ahead, None
-        inputs, targets = ahead[1] if ahead and ahead[0] == self.step else self._batch(self.step)
+        # TrialData drew it on its thread during the last step; the copy joins the queue.
+        inputs, targets = self._batch(self.step)
         n_micro = self.local_batch // self.micro
         losses = []
         for i in range(n_micro):
@@ -341,8 +339,6 @@ class Trainer:
             norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.step + 1 < self.total_steps:  # the next batch, drawn while the GPU works
-            self._ahead = self.step + 1, self._batch(self.step + 1)
         total, grad_norm = torch.stack([total, norm.double()]).tolist()  # the one sync
         # Worse than twice a uniform guess, or not a number: the run has blown up. Judged
         # after this step's update was queued, which is harmless: the trial ends here, and

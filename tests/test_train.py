@@ -215,7 +215,7 @@ def test_run_log_holds_metrics_until_flushed_in_batches_mlflow_accepts(tmp_path)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a GPU matter")
 def test_a_training_step_waits_for_the_gpu_once(tmp_path, corpus_dir, data_cache):
     """PyTorch's own sync debug mode warns at every operation that makes the host wait
-    for the GPU: a step of two micro-batches (the next batch drawn meanwhile) has one,
+    for the GPU: a step of two micro-batches (its batch drawn on the data thread) has one,
     where it reads the loss and gradient norm back."""
     trial = tiny_trial(corpus_dir, micro_batch_size=4)
     trainer = Trainer(trial, options(tmp_path, data_cache, device="cuda"))
