@@ -1,15 +1,18 @@
 """The backward of Mamba-2's causal conv + SiLU on the GPU: our one-pass Triton kernel
-against PyTorch autograd through the reference conv, side by side.
+against PyTorch autograd through the reference conv, side by side; and the forward.
 
 Times (median ms, triton's do_bench) the backward alone at the 350M hybrid's shape (batch
 16, 2048 times, 2304 channels, width 4, bf16 activations, fp32 weight and bias as under
 autocast) of: the reference (autograd through F.conv1d + SiLU, bf16), our custom op
 ``hybridscale::causal_conv1d_silu_backward``, and ``conv_silu_backward`` reading x from
 and writing dx into slices of a wider buffer, as a fused Mamba op does. GB/s counts the
-bytes the backward must move: x and dy read, dx written, once each. ``--baseline FILE``
-adds an older arch/kernels/conv.py, loaded under another op namespace, e.g. the two-pass
-backward: ``git show 47a9397:arch/kernels/conv.py > /tmp/conv_two_pass.py``. Prints one
-JSON line per implementation with its largest errors against the fp32 reference, absolute
+bytes the backward must move: x and dy read, dx written, once each. Then times the
+forward, ``causal_conv1d_silu`` on the same x (a slice of a wider buffer), GB/s against x
+read and y written once each. ``--baseline FILE`` adds an older arch/kernels/conv.py to
+both, loaded under another op namespace, e.g. the two-pass backward: ``git show
+47a9397:arch/kernels/conv.py > /tmp/conv_two_pass.py``, or the forward that loads x at
+each of the width's shifts: ``git show HEAD:arch/kernels/conv.py``. Prints one JSON line
+per implementation and pass with its largest errors against the fp32 reference, absolute
 and relative to its largest entry; fails if ours exceed 2e-2 relative.
 
     python bench/conv_bwd.py [--batch 16] [--seqlen 2048] [--channels 2304] [--width 4]
@@ -17,6 +20,7 @@ and relative to its largest entry; fails if ours exceed 2e-2 relative.
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import tempfile
@@ -26,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from arch.kernels.conv import _conv_bwd, conv_silu_backward
+from arch.kernels.conv import _conv_bwd, _conv_fwd, causal_conv1d_silu, conv_silu_backward
 
 DEVICE = "cuda"
 TOL = 2e-2  # largest error relative to the largest entry, as tests/test_kernels.py on GPU
@@ -102,8 +106,8 @@ def main() -> None:
             *conv_silu_backward(x, weight, bias, dy, dx_buffer[..., 2048 : 2048 + Dm]),
         ),
     }
-    if args.baseline:
-        old = load_baseline(args.baseline)
+    old = load_baseline(args.baseline) if args.baseline else None
+    if old:
         impls[f"baseline: {args.baseline}"] = lambda: old._backward(x, weight, bias, dy)
 
     minimum_bytes = 3 * b * L * Dm * x.element_size()  # x and dy read, dx written
@@ -120,7 +124,28 @@ def main() -> None:
             row["config"] = str(getattr(_conv_bwd, "best_config", None))
             failed |= max(rel_err.values()) > TOL
         print(json.dumps(row), flush=True)
+
+    forwards = {"ours": causal_conv1d_silu}
+    if old:
+        forwards[f"baseline: {args.baseline}"] = old.causal_conv1d_silu
+    y_truth = reference(x.float(), weight, bias)
+    forward_bytes = 2 * b * L * Dm * x.element_size()  # x read, y written
+    ours_ms = None
+    for name, conv in forwards.items():
+        fn = functools.partial(conv, x, weight, bias)
+        abs_err = (fn().float() - y_truth).abs().max().item()  # compiles, autotunes
+        rel_err = abs_err / y_truth.abs().max().item()
+        ms = do_bench(fn, return_mode="median")
+        ours_ms = ours_ms or ms
+        row = {"impl": f"forward, {name}", "ms": round(ms, 4),
+               "GB/s": round(forward_bytes / ms / 1e6, 1), "vs_ours": round(ms / ours_ms, 3),
+               "max_abs_err": abs_err, "max_rel_err": rel_err}  # fmt: skip
+        if name == "ours":
+            row["config"] = str(getattr(_conv_fwd, "best_config", None))
+            failed |= rel_err > TOL
+        print(json.dumps(row), flush=True)
     print(json.dumps({"shape": [b, L, Dm, K], "minimum_MB": minimum_bytes / 1e6,
+                      "forward_minimum_MB": forward_bytes / 1e6,
                       "device": torch.cuda.get_device_name()}))  # fmt: skip
     if failed:
         raise SystemExit(f"ours deviate from the fp32 reference by more than {TOL}")

@@ -256,9 +256,26 @@ def test_conv_and_gated_norm_match_reference_interpreted():
     assert_matches(ours, ref, tol=1e-5)
 
 
-# The interpreter's backward walks spans of 8 times over blocks of 16 channels (the `small`
-# config of arch/kernels/conv.py): 37 times end mid-span, 2 are fewer than the width, 16
-# are whole spans; 40 channels end mid-block.
+# The interpreter's forward and backward walk spans of 8 times over blocks of 16 channels
+# (the `small` config of arch/kernels/conv.py): 37 times end mid-span, 2 are fewer than the
+# width, 16 are whole spans; 40 channels end mid-block.
+@cpu_only
+@pytest.mark.parametrize("length, width", [(37, 4), (2, 4), (16, 2), (13, 3)])
+def test_causal_conv1d_silu_reads_through_strides_interpreted(length, width):
+    """y from x time-major, a slice of a wider buffer, against the reference in fp64."""
+    gen = torch.Generator().manual_seed(length)
+    batch, channels = 2, 40
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x = randn(length, batch, channels + 5).float().transpose(0, 1)[..., 5:]
+    weight, bias = randn(channels, width), randn(channels)
+    y = causal_conv1d_silu(x, weight.float(), bias.float())
+    assert y.is_contiguous() and y.dtype == torch.float32
+    assert_matches({"y": y}, {"y": conv_reference(x.double(), weight, bias)}, {"y": 1e-5})
+
+
 @cpu_only
 @pytest.mark.parametrize(
     "length, width, dx_dtype",

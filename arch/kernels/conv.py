@@ -19,15 +19,10 @@ from torch import Tensor
 
 from arch.kernels.tuning import choices
 
-_CONFIGS = choices(
-    [triton.Config({"BT": bt, "BD": bd}, num_warps=w)
-     for bt, bd in ((32, 128), (64, 128), (32, 256), (16, 256)) for w in (4, 8)],
-    small=triton.Config({"BT": 16, "BD": 16}, num_warps=1),
-)  # fmt: skip
-# The backward walks spans of T times a row of BD channels at a time, R rows a loop
+# Both passes walk spans of T times a row of BD channels at a time, R rows a loop
 # iteration: loaded together (R) and prefetched by Triton's pipeliner (STAGES). Two to four
-# channels a thread: eight would hold 128 fp32 registers of windows and sums alone.
-_BWD_CONFIGS = choices(
+# channels a thread: eight would hold 128 fp32 registers of the backward's windows and sums.
+_WALK_CONFIGS = choices(
     [triton.Config({"T": t, "BD": bd, "R": r, "STAGES": s}, num_warps=w)
      for t in (128, 64) for bd, w in ((256, 2), (128, 1), (256, 4)) for r, s in ((4, 3), (8, 1))],
     small=triton.Config({"T": 8, "BD": 16, "R": 4, "STAGES": 1}, num_warps=1),
@@ -35,42 +30,72 @@ _BWD_CONFIGS = choices(
 
 
 @triton.jit
-def _load_x(x_ptr, b, src, d, L, Dm, s_x_b, s_x_t):
-    """x at times src (zero outside the sequence), channels d, src and d broadcast
-    against each other: fp32, of their broadcast shape."""
-    ok = (src >= 0) & (src < L) & (d < Dm)
-    x = tl.load(x_ptr + b * s_x_b + src * s_x_t + d, mask=ok, other=0.0)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _conv_pre(x_ptr, w_ptr, bias_ptr, b, t, d, L, Dm, s_x_b, s_x_t, K: tl.constexpr):
-    """bias + the causal conv at times t, channels d: fp32 (BT, BD)."""
-    acc = tl.load(bias_ptr + d, mask=d < Dm, other=0.0).to(tl.float32)[None, :]
-    for k in tl.static_range(K):
-        x = _load_x(x_ptr, b, (t - (K - 1) + k)[:, None], d[None, :], L, Dm, s_x_b, s_x_t)
-        w = tl.load(w_ptr + d * K + k, mask=d < Dm, other=0.0).to(tl.float32)
-        acc += x * w[None, :]
-    return acc
-
-
-@triton.autotune(_CONFIGS, key=["Dm", "K"], cache_results=True)
-@triton.jit
-def _conv_fwd(x_ptr, w_ptr, bias_ptr, y_ptr, L, Dm, s_x_b, s_x_t,
-              K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BT + tl.arange(0, BT)
-    d = tl.program_id(2) * BD + tl.arange(0, BD)
-    pre = _conv_pre(x_ptr, w_ptr, bias_ptr, b, t, d, L, Dm, s_x_b, s_x_t, K)
-    out = (b * L + t[:, None]) * Dm + d[None, :]
-    tl.store(y_ptr + out, pre * tl.sigmoid(pre), mask=(t < L)[:, None] & (d < Dm)[None, :])
-
-
-@triton.jit
 def _rows(d, Dm, ok):
     """Channels d of a row that exists where ok, a scalar, holds: the bound, not a splat of
     ok, since the interpreter splats a scalar condition into int32, which masks reject."""
     return d < tl.where(ok, Dm, 0)
+
+
+@triton.jit
+def _params(w_ptr, bias_ptr, d, Dm, K: tl.constexpr):
+    """The K weights, a tuple of rows, and the bias at channels d: fp32."""
+    dm = d < Dm
+    w = ()
+    for k in tl.static_range(K):
+        w += (tl.load(w_ptr + d * K + k, mask=dm, other=0.0).to(tl.float32),)
+    return w, tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pre(xs, w, bias, K: tl.constexpr):
+    """The pre-activation at t from the window xs of x at t - K + 1 .. t."""
+    pre = bias
+    for k in tl.static_range(K):
+        pre += w[k] * xs[k]
+    return pre
+
+
+@triton.jit
+def _walk(x_row, y_row, t_lo, L, d, Dm, s_x_t, w, bias, xs, K: tl.constexpr,
+          R: tl.constexpr, OWN: tl.constexpr):  # fmt: skip
+    """R steps forward in time from t_lo. The window xs, a tuple of rows, oldest first: x at
+    t - K + 1 .. t - 1 before the step at t. A step loads x at t (zero outside the
+    sequence) and, where OWN, writes y at t. The R rows are loaded first, all in flight
+    together, as in _walk_back."""
+    x_in = ()
+    for r in tl.static_range(R):
+        t = t_lo + r
+        x_in += (tl.load(x_row + t * s_x_t, mask=_rows(d, Dm, (t >= 0) & (t < L)), other=0.0),)
+    for r in tl.static_range(R):
+        xs += (x_in[r].to(tl.float32),)
+        if OWN:
+            t = t_lo + r
+            pre = _pre(xs, w, bias, K)
+            tl.store(y_row + t * Dm, pre * tl.sigmoid(pre), mask=_rows(d, Dm, t < L))
+        xs = xs[1:]
+    return xs
+
+
+@triton.autotune(_WALK_CONFIGS, key=["Dm", "K"], cache_results=True)
+@triton.jit
+def _conv_fwd(x_ptr, w_ptr, bias_ptr, y_ptr, L, Dm, s_x_b, s_x_t, K: tl.constexpr,
+              T: tl.constexpr, BD: tl.constexpr, R: tl.constexpr,
+              STAGES: tl.constexpr):  # fmt: skip
+    """y at times t0 .. t0 + T - 1 of one sequence, channels d, in one walk forward in
+    time, a row of BD channels a step, R steps a loop iteration, with a window of the last
+    K - 1 x rows in registers: each x row is loaded once (and K - 1 halo rows before the
+    span), where loading an x tile at each of the K shifts read it K times."""
+    tl.static_assert(T % R == 0)
+    b = tl.program_id(0).to(tl.int64)
+    t0 = tl.program_id(1) * T
+    d = tl.program_id(2) * BD + tl.arange(0, BD)
+    x_row, y_row = x_ptr + b * s_x_b + d, y_ptr + b * L * Dm + d
+    w, bias = _params(w_ptr, bias_ptr, d, Dm, K)
+    xs = (tl.zeros((BD,), dtype=tl.float32),) * (K - 1)
+    xs = _walk(x_row, y_row, t0 - (K - 1), L, d, Dm, s_x_t, w, bias, xs, K, R=K - 1, OWN=False)
+    # R >= K - 1, so the window a loop iteration hands on is all its own values (see _conv_bwd)
+    for i in tl.range(T // R, num_stages=STAGES):
+        xs = _walk(x_row, y_row, t0 + i * R, L, d, Dm, s_x_t, w, bias, xs, K, R=R, OWN=True)
 
 
 @triton.jit
@@ -92,9 +117,7 @@ def _walk_back(x_row, dy_row, dx_row, t_hi, L, dy_end, d, Dm, s_x_t, s_dy_t, s_d
     for r in tl.static_range(R):
         t = t_hi - r
         xs = (x_in[r].to(tl.float32),) + xs  # x at t - K + 1 .. t
-        pre = bias
-        for k in tl.static_range(K):
-            pre += w[k] * xs[k]
+        pre = _pre(xs, w, bias, K)
         sig = tl.sigmoid(pre)
         dpre = dy_in[r].to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
         dpres = (dpre,) + dpres  # dpre at t .. t + K - 1
@@ -111,7 +134,7 @@ def _walk_back(x_row, dy_row, dx_row, t_hi, L, dy_end, d, Dm, s_x_t, s_dy_t, s_d
     return xs, dpres, dw, dbias
 
 
-@triton.autotune(_BWD_CONFIGS, key=["Dm", "K"], reset_to_zero=["dw_ptr", "dbias_ptr"],
+@triton.autotune(_WALK_CONFIGS, key=["Dm", "K"], reset_to_zero=["dw_ptr", "dbias_ptr"],
                  cache_results=True)  # fmt: skip
 @triton.jit
 def _conv_bwd(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, dbias_ptr, L, Dm,
@@ -129,10 +152,7 @@ def _conv_bwd(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, dbias_ptr, L, Dm,
     d = tl.program_id(2) * BD + tl.arange(0, BD)
     dm = d < Dm
     rows = x_ptr + b * s_x_b + d, dy_ptr + b * s_dy_b + d, dx_ptr + b * s_dx_b + d
-    w = ()
-    for k in tl.static_range(K):
-        w += (tl.load(w_ptr + d * K + k, mask=dm, other=0.0).to(tl.float32),)
-    bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    w, bias = _params(w_ptr, bias_ptr, d, Dm, K)
     zero = tl.zeros((BD,), dtype=tl.float32)
     xs, dpres, dw, dbias = (zero,) * (K - 1), (zero,) * (K - 1), (zero,) * K, zero
     dy_end = tl.minimum(L, t0 + T + K - 1)
@@ -152,9 +172,9 @@ def _conv_bwd(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, dbias_ptr, L, Dm,
         tl.atomic_add(dw_ptr + d * K + k, dw[k], mask=dm, sem="relaxed")
 
 
-def _grid(b: int, L: int, Dm: int, times: str):
-    """Programs over (batch, blocks of meta[times] times, blocks of BD channels)."""
-    return lambda meta: (b, triton.cdiv(L, meta[times]), triton.cdiv(Dm, meta["BD"]))
+def _grid(b: int, L: int, Dm: int):
+    """Programs over (batch, spans of T times, blocks of BD channels)."""
+    return lambda meta: (b, triton.cdiv(L, meta["T"]), triton.cdiv(Dm, meta["BD"]))
 
 
 # Custom ops rather than an autograd.Function behind torch.compiler.disable: torch.compile
@@ -167,8 +187,8 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     b, L, Dm = x.shape
     weight = weight.contiguous()
     y = torch.empty(b, L, Dm, device=x.device, dtype=x.dtype)
-    _conv_fwd[_grid(b, L, Dm, "BT")](x, weight, bias, y, L, Dm, x.stride(0), x.stride(1),
-                                     K=weight.shape[1])  # fmt: skip
+    _conv_fwd[_grid(b, L, Dm)](x, weight, bias, y, L, Dm, x.stride(0), x.stride(1),
+                               K=weight.shape[1])  # fmt: skip
     return y
 
 
@@ -195,7 +215,7 @@ def conv_silu_backward(
     weight, bias = weight.contiguous(), bias.contiguous()
     dw = torch.zeros(Dm, K, device=x.device, dtype=torch.float32)
     dbias = torch.zeros(Dm, device=x.device, dtype=torch.float32)
-    _conv_bwd[_grid(b, L, Dm, "T")](
+    _conv_bwd[_grid(b, L, Dm)](
         x, weight, bias, dy, dx, dw, dbias, L, Dm, x.stride(0), x.stride(1), dy.stride(0),
         dy.stride(1), dx.stride(0), dx.stride(1), K=K,
     )  # fmt: skip
