@@ -381,6 +381,7 @@ def test_autotuned_kernels_reset_or_restore_what_they_add_into():
         "_chunk_scan_bwd_dcb": {"dcb_ptr", "da_ptr"},
         "_state_grad": {"out_ptr"},
         "_conv_bwd": {"dw_ptr", "dbias_ptr"},
+        "_norm_bwd": {"dw_ptr"},
     }
 
 

@@ -38,12 +38,13 @@ def _norm_fwd(x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, GS, eps, s_x, s_z,
     tl.store(rstd_ptr + row * tl.num_programs(1) + grp, rstd)
 
 
-@triton.autotune(_CONFIGS, key=["GS"], cache_results=True)
+@triton.autotune(_CONFIGS, key=["GS"], reset_to_zero=["dw_ptr"], cache_results=True)
 @triton.jit
 def _norm_bwd(x_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dx_ptr, dz_ptr, dw_ptr,
               M, GS, s_x, s_z, s_dout, s_dx, s_dz, ROWS, BLOCK: tl.constexpr):  # fmt: skip
-    """ROWS rows of one group; the weight's gradient is summed over them (dw_ptr has one
-    row per program along the rows)."""
+    """ROWS rows of one group; the weight's gradient is summed over them and added into
+    dw_ptr, so that no buffer of per-program partial sums is written and then reduced by
+    another kernel."""
     start, grp = tl.program_id(0).to(tl.int64) * ROWS, tl.program_id(1)
     cols = grp * GS + tl.arange(0, BLOCK)
     ok = tl.arange(0, BLOCK) < GS
@@ -59,7 +60,7 @@ def _norm_bwd(x_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dx_ptr, dz_ptr, dw_ptr,
         dg = rstd * (dn - n * tl.sum(dn * n, axis=0) / GS)
         tl.store(dx_ptr + row * s_dx + cols, dg * z * sig, mask=ok)
         tl.store(dz_ptr + row * s_dz + cols, dg * x * sig * (1.0 + z * (1.0 - sig)), mask=ok)
-    tl.store(dw_ptr + tl.program_id(0) * tl.num_programs(1) * GS + cols, dw, mask=ok)
+    tl.atomic_add(dw_ptr + cols, dw, mask=ok, sem="relaxed")
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -103,13 +104,13 @@ def rmsnorm_gated_backward(
     programs = min(M, 1024)  # enough to fill the GPU; each sums dw over its rows
     rows = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows)
-    dw = torch.empty(programs, D, device=x.device, dtype=torch.float32)
+    dw = torch.zeros(D, device=x.device, dtype=torch.float32)
     _norm_bwd[(programs, D // group_size)](
         x, z, weight, rstd, dout, dx, dz, dw, M, group_size, x.stride(0), z.stride(0),
         dout.stride(0), dx.stride(0), dz.stride(0), rows,
         BLOCK=triton.next_power_of_2(group_size),
     )  # fmt: skip
-    return dw.sum(0)
+    return dw
 
 
 @torch.library.custom_op("hybridscale::rmsnorm_gated_backward", mutates_args=())
