@@ -105,15 +105,27 @@ def _softplus(v):
 
 
 @triton.jit
-def _split(H, G, NC, HEADS: tl.constexpr):
-    """Grid (batch * chunks, groups * splits, ...): batch, chunk, group, and the range of
-    heads of that group this program sums over (many heads share a group's B and C)."""
+def _tile_first(TILES):
+    """A one-dimensional grid of TILES tiles of each (batch, chunk, head or group, ...),
+    the tiles fastest: (that rest's index, the tile). The tiles of one chunk and head run
+    side by side, so the states and rows they all read come from L2, not DRAM again."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // TILES, (pid % TILES).to(tl.int32)
+
+
+@triton.jit
+def _split(H, G, NC, HEADS: tl.constexpr, TILES):
+    """Grid (TILES * batch * chunks * groups * splits,), see _tile_first: batch, chunk,
+    group, the range of heads of that group this program sums over (many heads share a
+    group's B and C), and the tile."""
     per_group = H // G
     splits = tl.cdiv(per_group, HEADS)
-    bc, gs = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    rest, tile = _tile_first(TILES)
+    bc, gs = rest // (G * splits), rest % (G * splits)
     g = gs // splits
     first = g * per_group + (gs % splits) * HEADS
-    return bc // NC, bc % NC, g, first, tl.minimum(first + HEADS, (g + 1) * per_group)
+    last = tl.minimum(first + HEADS, (g + 1) * per_group)
+    return bc // NC, bc % NC, g, first, last, tile
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,11 +210,11 @@ def _chunk_outer(
     STATE: tl.constexpr, PREC: tl.constexpr,
     BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    bch = tl.program_id(0).to(tl.int64)
+    bch, tile = _tile_first(tl.cdiv(P, BP) * tl.cdiv(N, BN))
     b, c, h = bch // (NC * H), (bch // H) % NC, bch % H
     g = h // (H // G)
-    p = tl.program_id(1) * BP + tl.arange(0, BP)
-    n = tl.program_id(2) * BN + tl.arange(0, BN)
+    p = (tile // tl.cdiv(N, BN)) * BP + tl.arange(0, BP)
+    n = (tile % tl.cdiv(N, BN)) * BN + tl.arange(0, BN)
     buf = ((b * H + h) * NC + c) * Q
     a_end = tl.load(a_ptr + buf + Q - 1)
     acc = tl.zeros((BP, BN), dtype=tl.float32)
@@ -381,10 +393,10 @@ def _chunk_scan_fwd(
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    bch = tl.program_id(0).to(tl.int64)
+    bch, block = _tile_first(tl.cdiv(Q, BM))
     b, c, h = bch // (NC * H), (bch // H) % NC, bch % H
     g = h // (H // G)
-    m0 = tl.program_id(1) * BM
+    m0 = block * BM
     i = m0 + tl.arange(0, BM)
     t = c * Q + i
     ok = (i < Q) & (t < L)
@@ -467,10 +479,10 @@ def _chunk_scan_bwd_dx(
 ):  # fmt: skip
     """Per head and block of source positions s: dx, ddt (all but the decay's share), the
     own state's d(loss)/d(a_end - a_s), and D's gradient summed over the block."""
-    bch = tl.program_id(0).to(tl.int64)
+    bch, block = _tile_first(tl.cdiv(Q, BM))
     b, c, h = bch // (NC * H), (bch // H) % NC, bch % H
     g = h // (H // G)
-    m0 = tl.program_id(1) * BM
+    m0 = block * BM
     s = m0 + tl.arange(0, BM)
     ts = c * Q + s
     ok = (s < Q) & (ts < L)
@@ -548,8 +560,8 @@ def _chunk_scan_bwd_dcb(
     heads (added to dcb); and each head's share of d(loss)/da from inside the chunk: a_i
     raises the log decays of row i and lowers those of column i, so da_i gets the row sum
     of dcb * cb minus its column sum (the diagonal cancels exactly)."""
-    b, c, g, first, last = _split(H, G, NC, HEADS)
-    i0, s0 = (tl.program_id(2) // tl.cdiv(Q, BK)) * BM, (tl.program_id(2) % tl.cdiv(Q, BK)) * BK
+    b, c, g, first, last, tile = _split(H, G, NC, HEADS, tl.cdiv(Q, BM) * tl.cdiv(Q, BK))
+    i0, s0 = (tile // tl.cdiv(Q, BK)) * BM, (tile % tl.cdiv(Q, BK)) * BK
     i, s = i0 + tl.arange(0, BM), s0 + tl.arange(0, BK)
     causal = (s[None, :] <= i[:, None]) & (i[:, None] < Q) & (s[None, :] < Q)
     t_i, t_s = c * Q + i, c * Q + s
@@ -592,8 +604,8 @@ def _state_grad(
     the gradient of C through the entering state (u = dy, m = entering state, scale
     exp(a_i); also each head's dy_i.y_i share of d(loss)/da_i), or of B through the
     chunk's own state (u = x, m = its gradient, scale exp(a_end - a_i) dt_i)."""
-    b, c, g, first, last = _split(H, G, NC, HEADS)
-    i = tl.program_id(2) * BM + tl.arange(0, BM)
+    b, c, g, first, last, block = _split(H, G, NC, HEADS, tl.cdiv(Q, BM))
+    i = block * BM + tl.arange(0, BM)
     t = c * Q + i
     ok = (i < Q) & (t < L)
     p, n = tl.arange(0, BP), tl.arange(0, BN)
@@ -645,24 +657,22 @@ class _Shape:
         self.BH = min(triton.next_power_of_2(self.H), 8)
         self.BQ = triton.next_power_of_2(Q)
 
-    def splits(self, heads: int) -> tuple[int, int]:
-        """The first two grid dims of kernels that sum over ``heads`` heads of a group."""
-        return self.b * self.NC, self.G * triton.cdiv(self.H // self.G, heads)
+    def split_grid(self, heads: int, tiles: int) -> tuple[int]:
+        """The grid of kernels that sum over ``heads`` heads of a group (see _split)."""
+        return (tiles * self.b * self.NC * self.G * triton.cdiv(self.H // self.G, heads),)
 
     def dims(self) -> tuple:
         return self.L, self.H, self.G, self.NC, self.Q, self.P, self.N
 
 
 def _rows(s: _Shape):
-    return lambda meta: (s.b * s.NC * s.H, triton.cdiv(s.Q, meta["BM"]))
+    return lambda meta: (triton.cdiv(s.Q, meta["BM"]) * s.b * s.NC * s.H,)
 
 
 def _chunk_outer_call(u: Tensor, v: Tensor, dtp: Tensor, a: Tensor, s: _Shape, state: bool):
     out = torch.empty(s.b, s.NC, s.H, s.P, s.N, device=u.device, dtype=torch.float32)
     grid = lambda meta: (  # noqa: E731
-        s.b * s.NC * s.H,
-        triton.cdiv(s.P, meta["BP"]),
-        triton.cdiv(s.N, meta["BN"]),
+        triton.cdiv(s.P, meta["BP"]) * triton.cdiv(s.N, meta["BN"]) * s.b * s.NC * s.H,
     )
     _chunk_outer[grid](
         u, v, dtp, a, out, s.L, s.H, s.G, s.NC, s.Q, s.P, s.N,
@@ -757,14 +767,14 @@ def _backward(dout, dfinal, x, dt, A, B, C, s: _Shape, D, z, dt_bias, softplus, 
 
     # B and C: through C_i.B_s inside chunks, and through the states.
     dcb, da_cb = torch.zeros_like(cb), torch.zeros_like(dtp)
-    _chunk_scan_bwd_dcb[lambda meta: (*s.splits(meta["HEADS"]),
-                                      triton.cdiv(s.Q, meta["BM"]) * triton.cdiv(s.Q, meta["BK"]))](
+    _chunk_scan_bwd_dcb[lambda meta: s.split_grid(
+        meta["HEADS"], triton.cdiv(s.Q, meta["BM"]) * triton.cdiv(s.Q, meta["BK"]))](
         x, dy, cb, dtp, a, dcb, da_cb, *s.dims(),
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), PREC=s.prec, BP=s.BP,
     )  # fmt: skip
     dC_off = torch.zeros(s.b, s.L, s.G, s.N, device=dev, dtype=f32)
     dB_own, da_off = torch.zeros_like(dC_off), torch.empty_like(dtp)
-    rows = lambda meta: (*s.splits(meta["HEADS"]), triton.cdiv(s.Q, meta["BM"]))  # noqa: E731
+    rows = lambda meta: s.split_grid(meta["HEADS"], triton.cdiv(s.Q, meta["BM"]))  # noqa: E731
     for u, v, m, out, entering in ((dy, C, states, dC_off, True), (x, B, dstates, dB_own, False)):
         _state_grad[rows](
             u, v, m, dtp, a, out, da_off, *s.dims(), u.stride(0), u.stride(1),
