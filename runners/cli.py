@@ -62,6 +62,8 @@ def _study_options(args: argparse.Namespace):
         results_dir=Path(args.results), tracking_uri=args.tracking_uri,
         address=getattr(args, "address", None), max_retries=getattr(args, "retries", 2),
         device=getattr(args, "device", None), cpus=getattr(args, "cpus", None),
+        checkpoint_every_s=getattr(args, "checkpoint_every_s", None)
+        or StudyOptions.checkpoint_every_s,
     )  # fmt: skip
 
 
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--retries", type=int, default=2, help="retries of a crashed trial")
         p.add_argument("--device", help="force a torch device, e.g. cpu")
         p.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
+        p.add_argument("--checkpoint-every-s", type=float,
+                       help="seconds between a trial's checkpoints (default 600)")  # fmt: skip
 
     p = commands.add_parser("study", help="run a study's unfinished trials on Ray")
     p.add_argument("spec")

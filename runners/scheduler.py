@@ -38,6 +38,7 @@ class StudyOptions:
     device: str | None = None
     cpus: int | None = None  # CPUs of the local Ray (default: all); ignored on a cluster
     gpus_per_trial: float | None = None  # default: a share estimated from each trial's memory
+    checkpoint_every_s: float = 600.0  # a running trial's checkpoints (see TrainOptions)
 
     def uri(self) -> str:
         return self.tracking_uri or default_tracking_uri(self.results_dir)
@@ -187,7 +188,7 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
                 workdir=workdir, tracking_uri=uri, data_dir=options.results_dir / "data",
                 experiment=spec.name, parent_run_id=parent, device=options.device, tags=tags,
                 log_every=10,  # many trials share one store: don't write it every step
-                shard=spec.resources.shards(trial),
+                shard=spec.resources.shards(trial), checkpoint_every_s=options.checkpoint_every_s,
             )  # fmt: skip
             if workers[trial.trial_id] > 1:  # Ray Train places the workers, all at once
                 ref = data_parallel_task.options(max_retries=0).remote(

@@ -70,7 +70,12 @@ class TrainOptions:
     parent_run_id: str | None = None
     tags: dict = field(default_factory=dict)
     device: str | None = None
-    checkpoint_every: int = 50  # steps
+    # A checkpoint every checkpoint_every_s seconds of rank 0's clock, as every rank waits
+    # for it (a 350M model's is 4.2 GB with Adam's moments: seconds, where a fixed 50 steps
+    # could be 15 s of training). checkpoint_every (steps), when given, adds checkpoints at
+    # fixed steps. Interrupted, pruned or finished, a trial always checkpoints.
+    checkpoint_every_s: float = 600.0
+    checkpoint_every: int | None = None
     log_every: int = 1
     stop_after_steps: int | None = None  # stop early as if interrupted (tests, time limits)
     # Data-parallel ranks shard the weights, gradients and Adam moments (FSDP) instead of
@@ -99,9 +104,8 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(tensor)  # in place, a sum: gloo has no average
-    return tensor / dist.get_world_size()
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class _Quiet:
@@ -179,6 +183,8 @@ class Trainer:
         replicated = self.world > 1 and not self.shard
         self.ddp = DistributedDataParallel(self.model) if replicated else None
         self.wrapped = self.ddp or self.model
+        # "not due" and "due", for the step's flag to index without a host-to-device copy
+        self._flags = torch.tensor([0.0, 1.0], dtype=torch.float64, device=self.device)
         # Model and loss compiled as one graph: the fp32 logits are never materialised
         # (on an H100 that took a 125M model from 362K to 480K tokens/s, bench/RESULTS.md).
         self.loss = torch.compile(self._loss) if t.compile else self._loss
@@ -252,10 +258,14 @@ class Trainer:
 
     def checkpoint(self) -> None:
         self.log.flush()  # every step a checkpoint holds is in MLflow before it exists
+        start = time.perf_counter()
         if self.chief or self.shard:
             state = self._state()
             if self.chief:
                 _save_atomic(state, self.checkpoint_path)
+        self.saved_at = time.perf_counter()
+        self.log.metrics({"checkpoint_s": self.saved_at - start}, self.step, _now_ms())
+        self.log.flush()  # a rare write, and a trial that stops here may not write again
 
     # ---- MLflow -----------------------------------------------------------------------
 
@@ -310,9 +320,11 @@ class Trainer:
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
-    def _train_step(self) -> tuple[float, float, float]:
+    def _train_step(self, checkpoint_due: bool) -> tuple[float, float, float, bool]:
         """One optimizer step, with one host sync: the GPU is kept fed until the loss and
-        gradient norm are read back together at the end."""
+        gradient norm are read back together at the end. Also whether to checkpoint after
+        it: rank 0's ``checkpoint_due``, which every rank learns from the loss's all-reduce
+        (sharded, saving is collective: the ranks must agree)."""
         t = self.trial.training
         lr = lr_at(self.step, self.total_steps, t)
         for group in self.optimizer.param_groups:
@@ -332,20 +344,23 @@ class Trainer:
                 (loss / n_micro).backward()
             losses.append(loss.detach())
         total = torch.stack(losses).double().mean()
+        due = self._flags[int(checkpoint_due and self.chief)]  # a view: no copy, no sync
         if self.world > 1:  # every rank judges divergence on the same, global, loss
-            total = _mean_over_ranks(total)
+            packed = torch.stack([total / self.world, due])
+            dist.all_reduce(packed)  # a sum: gloo has no average
+            total, due = packed
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
         if isinstance(norm, DTensor):  # sharded: each rank holds a part of the norm
             norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        total, grad_norm = torch.stack([total, norm.double()]).tolist()  # the one sync
+        total, grad_norm, due = torch.stack([total, norm.double(), due]).tolist()  # the one sync
         # Worse than twice a uniform guess, or not a number: the run has blown up. Judged
         # after this step's update was queued, which is harmless: the trial ends here, and
         # _fail never checkpoints, so the update is never kept.
         if not math.isfinite(total) or total > 2 * math.log(self.trial.model.vocab_size):
             raise TrialDiverged(f"loss {total:.4g} at step {self.step}")
-        return total, grad_norm, lr
+        return total, grad_norm, lr, due > 0
 
     def evaluate(self) -> dict:
         self.model.eval()
@@ -366,6 +381,7 @@ class Trainer:
         )
         peak = peak_flops(self.device)
         steps_run, last_end = 0, None
+        self.saved_at = time.perf_counter()
         try:
             while self.step < self.total_steps:
                 if options.stop_after_steps is not None and steps_run >= options.stop_after_steps:
@@ -374,7 +390,8 @@ class Trainer:
                 # A step is timed from the last one's end, so the loop's own work between
                 # steps counts; from its own start after a (re)start, evaluation or checkpoint.
                 start = last_end or time.perf_counter()
-                loss, grad_norm, lr = self._train_step()
+                due = time.perf_counter() - self.saved_at >= options.checkpoint_every_s
+                loss, grad_norm, lr, save = self._train_step(due)
                 last_end = time.perf_counter()
                 self.step += 1
                 steps_run += 1
@@ -396,7 +413,7 @@ class Trainer:
                 if evaluated:
                     metrics.update(self.evaluate())
                 if evaluated or self.step % options.log_every == 0 or self.step == self.total_steps:
-                    self.log.metrics(metrics, self.step, int(time.time() * 1000))
+                    self.log.metrics(metrics, self.step, _now_ms())
                     self._log_line(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
                 if evaluated:
                     self.log.flush()  # evaluations are what a study watches: no waiting
@@ -404,11 +421,12 @@ class Trainer:
                     if options.on_eval and options.on_eval(self.step, tokens, metrics):
                         self.checkpoint()
                         return self._fail("pruned", f"pruned at step {self.step}")
-                if self.step % options.checkpoint_every == 0:
+                every = options.checkpoint_every
+                if save or (every and self.step % every == 0):
                     self.checkpoint()
                     last_end = None
             evaluation = self.evaluate()
-            self.log.metrics(evaluation, self.step, int(time.time() * 1000))
+            self.log.metrics(evaluation, self.step, _now_ms())
             tokens = self.step * self.tokens_per_step
             final = {**evaluation, "train_loss": self.history[-1][2], "tokens": tokens}
             self.checkpoint()

@@ -74,7 +74,11 @@ def test_two_workers_match_one_worker_and_resume(
     parallel = options(tmp_path, data_cache, stop_after_steps=3, shard=shard)
     assert run_data_parallel(trial, parallel, workers=2, use_gpu=False).status == "interrupted"
     assert Trainer(trial, replace(parallel, stop_after_steps=2)).run().status == "interrupted"
-    parallel.stop_after_steps = None
+    # The last leg checkpoints by rank 0's clock, after every step (0 s): sharded, the ranks
+    # gather the state together, so all must learn from rank 0 when (or they would hang).
+    parallel.stop_after_steps, parallel.checkpoint_every, parallel.checkpoint_every_s = (
+        None, None, 0.0
+    )  # fmt: skip
     outcome = run_data_parallel(trial, parallel, workers=2, use_gpu=False)
     assert outcome.status == "finished", outcome.reason
 
@@ -90,6 +94,8 @@ def test_two_workers_match_one_worker_and_resume(
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["hybridscale.workers"] == "2"
     assert runs[0].data.tags["hybridscale.sharded"] == str(shard)
+    saved = client.get_metric_history(outcome.run_id, "checkpoint_s")
+    assert sorted({m.step for m in saved}) == [2, 3, 4, 5, 6, 7, 8]
     log = (tmp_path / trial.trial_id / "train.log").read_text().splitlines()
     assert len(log) == 8 + 1  # each leg resumed at the step after the last one's checkpoint
 

@@ -74,12 +74,14 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, corpus_dir, loca
     rows: list = []
     thread = threading.Thread(
         target=lambda: rows.extend(
-            run_study(spec, trials, StudyOptions(results_dir=tmp_path / "results"))
+            run_study(
+                spec, trials, StudyOptions(results_dir=tmp_path / "results", checkpoint_every_s=1)
+            )
         )
     )
     thread.start()
     deadline = time.time() + 120
-    while not (trial_dir / "checkpoint.pt").exists():  # the first checkpoint is at step 50
+    while not (trial_dir / "checkpoint.pt").exists():  # a second into training
         assert time.time() < deadline, "the trial never checkpointed"
         time.sleep(0.2)
     os.kill(int((trial_dir / "pid").read_text()), signal.SIGKILL)

@@ -59,6 +59,18 @@ def test_resume_reproduces_uninterrupted_curve(tmp_path, corpus_dir, data_cache)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
 
+def test_checkpoints_follow_the_clock(tmp_path, corpus_dir, data_cache):
+    """With no step interval, a trial checkpoints once checkpoint_every_s has passed since
+    its last checkpoint (0 s: after every step), and always at its end."""
+    trial = tiny_trial(corpus_dir)  # 12 steps
+    for name, every_s, expected in (("hourly", 3600.0, [12]), ("always", 0.0, range(1, 13))):
+        opts = options(tmp_path / name, data_cache, checkpoint_every_s=every_s)
+        outcome = train_trial(trial, opts)
+        assert outcome.status == "finished", outcome.reason
+        saved = MlflowClient(opts.tracking_uri).get_metric_history(outcome.run_id, "checkpoint_s")
+        assert sorted({m.step for m in saved}) == list(expected), name
+
+
 def test_a_checkpoint_of_other_layer_code_is_a_clear_error(tmp_path, corpus_dir, data_cache):
     trial = tiny_trial(corpus_dir)
     opts = options(tmp_path, data_cache, checkpoint_every=4, stop_after_steps=4)
