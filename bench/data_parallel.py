@@ -11,12 +11,13 @@ Needs a machine with at least 2 GPUs. Two measurements, side by side in one run:
    many small trials on shares of a GPU (--tokens each), sampling nvidia-smi every second.
    Reports each GPU's mean utilisation and the share of samples it sat idle (< 5%).
 
-    python bench/data_parallel.py [--steps 30] [--shard] [--measure scaling mixed]
+    python bench/data_parallel.py [--steps 30] [--shard] [--compile] [--measure scaling mixed]
                                   [--tokens 8M] [--seeds 3] [--budget-s 420]
                                   [--out FILE]
 
 ``--shard``: the data-parallel trials shard weights, gradients and Adam moments (FSDP)
 instead of replicating them (DDP), in both measurements; the one-GPU run is the same.
+``--compile``: every trial trains compiled (``training.compile: true``), in both.
 Prints one JSON line per measurement (with each scaling run's median peak GPU memory)
 and a markdown table.
 """
@@ -47,12 +48,12 @@ MODEL_350M = {"d_model": 1024, "n_layers": 48, "n_heads": 16, "attention_ratio":
 SEQ_LEN, BATCH, MICRO = 1024, 32, 8  # 32K tokens a step: 1 GPU runs 4 micro-batches, 2 run 2
 
 
-def scaling(folder: Path, workers: int, steps: int, shard: bool) -> dict:
+def scaling(folder: Path, workers: int, steps: int, shard: bool, compile: bool) -> dict:
     trial = TrialConfig.model_validate({
         "model": MODEL_350M,
         "data": {"seq_len": SEQ_LEN},
         "training": {"tokens": BATCH * SEQ_LEN * 1000, "batch_size": BATCH,
-                     "micro_batch_size": MICRO, "lr": 1e-3},
+                     "micro_batch_size": MICRO, "lr": 1e-3, "compile": compile},
     })  # fmt: skip
     uri = f"sqlite:///{folder / f'scaling{workers}.db'}"
     options = TrainOptions(workdir=folder / f"scaling{workers}", tracking_uri=uri,
@@ -68,6 +69,7 @@ def scaling(folder: Path, workers: int, steps: int, shard: bool) -> dict:
 
     rates, mfu = after_warmup("tokens_per_s"), after_warmup("mfu")
     return {"measure": "scaling", "gpus": workers, "sharded": shard and workers > 1,
+            "compiled": compile,
             "steps": len(rates), "tokens_per_s": statistics.median(rates),
             "mfu": statistics.median(mfu) if mfu else None,
             "peak_memory_gb": statistics.median(after_warmup("peak_memory_gb"))}  # fmt: skip
@@ -78,7 +80,8 @@ name: mixed
 model: {{d_model: 256, n_layers: 8, n_heads: 8, attention_ratio: 0.125, mlp_ratio: 0.5,
          d_state: 64, ssm_headdim: 64, vocab_size: 264}}
 data: {{seq_len: {seq_len}}}
-training: {{tokens: {tokens}, batch_size: {batch}, micro_batch_size: {micro}, lr: 1.0e-3}}
+training: {{tokens: {tokens}, batch_size: {batch}, micro_batch_size: {micro}, lr: 1.0e-3,
+           compile: {compile}}}
 sweep:
   size: [{{d_model: 1024, n_layers: 48, n_heads: 16, d_state: 128}}, {{d_model: 256}}]
   seed: {seeds}
@@ -91,8 +94,9 @@ def phases(client: MlflowClient, run_id: str) -> dict:
     seconds it spent before its first logged step (model, data, compiling, the first
     steps), between its first and last logged steps, and after (evaluation, artifacts);
     ``run`` and ``training`` are the whole run's and the middle span's (start, end) in
-    epoch seconds. Worker start-up before the run opens is not in it; a run that logged
-    no step (it failed first) has none."""
+    epoch seconds; ``checkpoint_s``, what its checkpoints took, the last (in wind-down)
+    among them. Worker start-up before the run opens is not in it; a run that logged no
+    step (it failed first) has none."""
     run = client.get_run(run_id)
     steps = sorted(m.timestamp for m in client.get_metric_history(run_id, "grad_norm"))
     if not steps or run.info.end_time is None:
@@ -101,6 +105,7 @@ def phases(client: MlflowClient, run_id: str) -> dict:
             "setup_s": (steps[0] - run.info.start_time) / 1000,
             "train_s": (steps[-1] - steps[0]) / 1000,
             "wind_down_s": (run.info.end_time - steps[-1]) / 1000,
+            "checkpoint_s": sum(m.value for m in client.get_metric_history(run_id, "checkpoint_s")),
             "run": (run.info.start_time / 1000, run.info.end_time / 1000),
             "training": (steps[0] / 1000, steps[-1] / 1000)}  # fmt: skip
 
@@ -119,11 +124,14 @@ def util_while_training(sampler: GpuSampler, trial_phases: list[dict]) -> list[f
     return means
 
 
-def mixed_study(folder: Path, shard: bool, tokens: str, seeds: int, budget_s: float) -> dict:
+def mixed_study(
+    folder: Path, shard: bool, compile: bool, tokens: str, seeds: int, budget_s: float
+) -> dict:
     path = folder / "mixed.yaml"
     shard_from = "100M" if shard else "null"
     text = MIXED.format(seq_len=SEQ_LEN, batch=BATCH, micro=MICRO, shard_from=shard_from,
-                        tokens=tokens, seeds=list(range(seeds)))  # fmt: skip
+                        tokens=tokens, seeds=list(range(seeds)),
+                        compile=str(compile).lower())  # fmt: skip
     path.write_text(textwrap.dedent(text))
     spec, trials = load_spec(path)
     options = StudyOptions(results_dir=folder / "results")
@@ -145,6 +153,7 @@ def mixed_study(folder: Path, shard: bool, tokens: str, seeds: int, budget_s: fl
     trial_phases = {r["trial"]: phases(client, r["run_id"]) for r in rows if r["run_id"]}
     return {
         "measure": "mixed_study", "trials": len(rows), "tokens_per_trial": tokens,
+        "compiled": compile,
         "finished": sum(r["status"] == "finished" for r in rows),
         "interrupted_at_budget": interrupted,
         "data_parallel_trials": sum(spec.resources.workers_for(t) > 1 for t in trials),
@@ -161,6 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30, help="steps per scaling measurement")
     parser.add_argument("--shard", action="store_true", help="FSDP instead of DDP")
+    parser.add_argument("--compile", action="store_true", help="trials train compiled")
     parser.add_argument(
         "--measure",
         nargs="+",
@@ -191,11 +201,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if "scaling" in args.measure:
-            one, two = (scaling(folder, n, args.steps, args.shard) for n in (1, 2))
+            one, two = (scaling(folder, n, args.steps, args.shard, args.compile) for n in (1, 2))
             two["speedup"] = two["tokens_per_s"] / one["tokens_per_s"]
             results += [one, two]
         if "mixed" in args.measure:
-            results.append(mixed_study(folder, args.shard, args.tokens, args.seeds, args.budget_s))
+            results.append(mixed_study(folder, args.shard, args.compile, args.tokens, args.seeds,
+                                       args.budget_s))  # fmt: skip
     for row in results:
         print(json.dumps(row), flush=True)
     if "scaling" in args.measure:
@@ -217,7 +228,7 @@ def main() -> None:
                 opened, ended = (t - mixed["started"] for t in p["run"])
                 print(f"  {trial}: GPUs {p['gpus']}, run {opened:.0f}-{ended:.0f}s: setup "
                       f"{p['setup_s']:.1f}s, training {p['train_s']:.1f}s, wind-down "
-                      f"{p['wind_down_s']:.1f}s")  # fmt: skip
+                      f"{p['wind_down_s']:.1f}s, checkpoints {p['checkpoint_s']:.1f}s")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
