@@ -386,6 +386,7 @@ class Trainer:
             while self.step < self.total_steps:
                 if options.stop_after_steps is not None and steps_run >= options.stop_after_steps:
                     self.checkpoint()
+                    self.log.end("interrupted")  # as Ctrl-C ends it, not left RUNNING
                     return TrialOutcome(self.trial.trial_id, "interrupted", self.run_id)
                 # A step is timed from the last one's end, so the loop's own work between
                 # steps counts; from its own start after a (re)start, evaluation or checkpoint.

@@ -44,7 +44,10 @@ def test_resume_reproduces_uninterrupted_curve(tmp_path, corpus_dir, data_cache)
     assert straight.run().status == "finished"
 
     opts = options(tmp_path / "b", data_cache, checkpoint_every=4, stop_after_steps=5)
-    assert train_trial(trial, opts).status == "interrupted"
+    stopped = train_trial(trial, opts)
+    assert stopped.status == "interrupted"
+    run = MlflowClient(opts.tracking_uri).get_run(stopped.run_id)
+    assert (run.info.status, run.data.tags["hybridscale.status"]) == ("KILLED", "interrupted")
     opts.stop_after_steps = None
     resumed = Trainer(trial, opts)
     outcome = resumed.run()
