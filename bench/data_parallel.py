@@ -1,23 +1,28 @@
 """Data-parallel trials on several GPUs: scaling of one ~350M trial, and a mixed study.
 
-Needs a machine with at least 2 GPUs. Two measurements, side by side in one run:
+Needs a machine with at least 2 GPUs. Three measurements, side by side in one run:
 
 1. Scaling: the same 350M-parameter hybrid trial (d_model 1024, 48 layers, the paper's
    8% attention / 50% MLP mix, byte vocabulary) at the same global batch, through the
    study's own data-parallel path (Ray Train, DDP over NCCL), on 1 and on 2 GPUs; tokens/s
    is the median over the steps after warm-up, read back from each run's MLflow metrics.
    Target: 2 GPUs >= 1.8x one.
-2. A mixed study through the real scheduler: --seeds (3) 350M trials on 2 GPUs each and as
+2. The gradient all-reduce alone (``--measure allreduce``): the scaling trial's fp32
+   gradients (and the same count in bf16) all-reduced between 2 Ray Train workers set up
+   as a trial's are; milliseconds each and the bus bandwidth nccl-tests would report.
+3. A mixed study through the real scheduler: --seeds (3) 350M trials on 2 GPUs each and as
    many small trials on shares of a GPU (--tokens each), sampling nvidia-smi every second.
    Reports each GPU's mean utilisation and the share of samples it sat idle (< 5%).
 
-    python bench/data_parallel.py [--steps 30] [--shard] [--compile] [--measure scaling mixed]
+    python bench/data_parallel.py [--steps 30] [--shard] [--compile]
+                                  [--measure scaling allreduce mixed]
                                   [--tokens 8M] [--seeds 3] [--budget-s 420]
                                   [--out FILE]
 
 ``--shard``: the data-parallel trials shard weights, gradients and Adam moments (FSDP)
 instead of replicating them (DDP), in both measurements; the one-GPU run is the same.
 ``--compile``: every trial trains compiled (``training.compile: true``), in both.
+``--measure``: which of scaling, allreduce and mixed to run (all three by default).
 Prints one JSON line per measurement (with each scaling run's median peak GPU memory)
 and a markdown table.
 """
@@ -37,8 +42,10 @@ import torch
 from gpu_util import GpuSampler  # bench/, beside this script
 from mlflow.tracking import MlflowClient
 
+from arch.accounting import param_counts
+from arch.config import ModelConfig
 from runners.config import TrialConfig
-from runners.distributed import run_data_parallel
+from runners.distributed import WORKER_ENV, run_data_parallel
 from runners.scheduler import GPU_IDS_TAG, StudyOptions, run_study, summary_rows
 from runners.spec import load_spec
 from runners.train import TrainOptions
@@ -73,6 +80,52 @@ def scaling(folder: Path, workers: int, steps: int, shard: bool, compile: bool) 
             "steps": len(rates), "tokens_per_s": statistics.median(rates),
             "mfu": statistics.median(mfu) if mfu else None,
             "peak_memory_gb": statistics.median(after_warmup("peak_memory_gb"))}  # fmt: skip
+
+
+def _allreduce_loop(config: dict) -> None:
+    """One worker: all-reduce a gradient-sized tensor in each dtype, timed; rank 0 writes
+    milliseconds and bus bandwidth (2 (n - 1) / n of the bytes, over the time) to a file."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    device, ranks = ray.train.torch.get_device(), dist.get_world_size()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # CPU: gloo, a check
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        grads = torch.ones(config["elements"], dtype=dtype, device=device)
+        for _ in range(3):  # NCCL's channels and buffers set up
+            dist.all_reduce(grads)
+        sync()
+        start = time.perf_counter()
+        for _ in range(config["repeats"]):
+            dist.all_reduce(grads)
+        sync()
+        seconds = (time.perf_counter() - start) / config["repeats"]
+        size = grads.numel() * grads.element_size()
+        rows.append({"measure": "allreduce", "dtype": str(dtype), "gpus": ranks,
+                     "gb": size / 1e9, "ms": 1000 * seconds,
+                     "bus_gb_s": 2 * (ranks - 1) / ranks * size / seconds / 1e9})  # fmt: skip
+    if ray.train.get_context().get_world_rank() == 0:
+        Path(config["out"]).write_text(json.dumps(rows))
+
+
+def allreduce(folder: Path, repeats: int = 20) -> list[dict]:
+    """The scaling trial's gradient all-reduce alone, on 2 workers placed and configured
+    as a data-parallel trial's (Ray Train, NCCL, WORKER_ENV)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    elements = param_counts(ModelConfig.model_validate(MODEL_350M))["total"]
+    out = folder / "allreduce.json"
+    TorchTrainer(
+        _allreduce_loop,
+        train_loop_config={"elements": elements, "repeats": repeats, "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=True, placement_strategy="PACK"),
+        run_config=RunConfig(name="allreduce", storage_path=str(folder / "ray_train"),
+                             worker_runtime_env={"env_vars": WORKER_ENV}),
+    ).fit()  # fmt: skip
+    return json.loads(out.read_text())
 
 
 MIXED = """
@@ -174,8 +227,8 @@ def main() -> None:
     parser.add_argument(
         "--measure",
         nargs="+",
-        choices=["scaling", "mixed"],
-        default=["scaling", "mixed"],
+        choices=["scaling", "allreduce", "mixed"],
+        default=["scaling", "allreduce", "mixed"],
         help="run one part alone (time limits)",
     )
     parser.add_argument(
@@ -204,6 +257,8 @@ def main() -> None:
             one, two = (scaling(folder, n, args.steps, args.shard, args.compile) for n in (1, 2))
             two["speedup"] = two["tokens_per_s"] / one["tokens_per_s"]
             results += [one, two]
+        if "allreduce" in args.measure:
+            results += allreduce(folder)
         if "mixed" in args.measure:
             results.append(mixed_study(folder, args.shard, args.compile, args.tokens, args.seeds,
                                        args.budget_s))  # fmt: skip
