@@ -58,12 +58,12 @@ def plan(args: argparse.Namespace) -> int:
 def _study_options(args: argparse.Namespace):
     from runners.scheduler import StudyOptions
 
+    every_s = getattr(args, "checkpoint_every_s", None)  # 0 is a choice: every step
     return StudyOptions(
         results_dir=Path(args.results), tracking_uri=args.tracking_uri,
         address=getattr(args, "address", None), max_retries=getattr(args, "retries", 2),
         device=getattr(args, "device", None), cpus=getattr(args, "cpus", None),
-        checkpoint_every_s=getattr(args, "checkpoint_every_s", None)
-        or StudyOptions.checkpoint_every_s,
+        **({} if every_s is None else {"checkpoint_every_s": every_s}),
     )  # fmt: skip
 
 
