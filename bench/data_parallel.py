@@ -65,7 +65,7 @@ def scaling(folder: Path, workers: int, steps: int, shard: bool, compile: bool) 
     uri = f"sqlite:///{folder / f'scaling{workers}.db'}"
     options = TrainOptions(workdir=folder / f"scaling{workers}", tracking_uri=uri,
                            data_dir=folder / "data", stop_after_steps=steps,
-                           checkpoint_every=10**9, shard=shard)  # fmt: skip
+                           checkpoint_every_s=float("inf"), shard=shard)  # fmt: skip
     outcome = run_data_parallel(trial, options, workers=workers, use_gpu=True)
     assert outcome.status == "interrupted", outcome
     client = MlflowClient(uri)

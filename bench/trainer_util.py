@@ -30,7 +30,7 @@ def measure(folder: Path, steps: int, compile: bool) -> dict:
     })  # fmt: skip
     uri = f"sqlite:///{folder / 'util.db'}"
     options = TrainOptions(workdir=folder / f"compile{compile}", tracking_uri=uri,
-                           data_dir=folder / "data", checkpoint_every=10**9)  # fmt: skip
+                           data_dir=folder / "data", checkpoint_every_s=float("inf"))  # fmt: skip
     with GpuSampler() as sampler:
         outcome = train_trial(trial, options)
     assert outcome.status == "finished", outcome

@@ -29,7 +29,7 @@ def options(tmp_path, data_cache, **kw) -> TrainOptions:
 
 def test_loss_falls(tmp_path, corpus_dir, data_cache):
     trial = tiny_trial(corpus_dir, tokens=64 * 8 * 60, lr=5e-3)
-    trainer = Trainer(trial, options(tmp_path, data_cache, checkpoint_every=1000))
+    trainer = Trainer(trial, options(tmp_path, data_cache, checkpoint_every_s=math.inf))
     outcome = trainer.run()
     assert outcome.status == "finished", outcome.reason
     losses = [h[2] for h in trainer.history]
@@ -178,7 +178,7 @@ def logged(uri: str, run_id: str, metric: str) -> list[tuple[int, float]]:
 def test_held_metrics_reach_mlflow_however_a_trial_ends(tmp_path, corpus_dir, data_cache):
     """Step metrics are held and written in batches: every step's must be in MLflow,
     once, when a trial finishes, is interrupted (up to the interruption) or diverges (the
-    steps before it). No checkpoint comes between (checkpoint_every 1000), so nothing is
+    steps before it). No checkpoint comes between (checkpoint_every_s inf), so nothing is
     written before the trial ends; the reference is the trainer's own loss history."""
     runs = {}
     for name, training, kw in [
@@ -186,7 +186,7 @@ def test_held_metrics_reach_mlflow_however_a_trial_ends(tmp_path, corpus_dir, da
         ("interrupted", {}, {"stop_after_steps": 5}),
         ("diverged", {"lr": 3.0, "warmup_fraction": 0.95}, {}),  # blows up a few steps in
     ]:
-        opts = options(tmp_path / name, data_cache, checkpoint_every=1000, **kw)
+        opts = options(tmp_path / name, data_cache, checkpoint_every_s=math.inf, **kw)
         trainer = Trainer(tiny_trial(corpus_dir, **training), opts)
         runs[name] = trainer, trainer.run()
 
