@@ -63,6 +63,7 @@ def _study_options(args: argparse.Namespace):
         results_dir=Path(args.results), tracking_uri=args.tracking_uri,
         address=getattr(args, "address", None), max_retries=getattr(args, "retries", 2),
         device=getattr(args, "device", None), cpus=getattr(args, "cpus", None),
+        profile_steps=tuple(getattr(args, "profile_steps", None) or ()) or None,
         **({} if every_s is None else {"checkpoint_every_s": every_s}),
     )  # fmt: skip
 
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
         p.add_argument("--checkpoint-every-s", type=float,
                        help="seconds between a trial's checkpoints (default 600)")  # fmt: skip
+        p.add_argument("--profile-steps", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                       help="trace these steps of every trial with PyTorch's profiler "
+                            "(profile/rank<R>.json in each trial's folder)")  # fmt: skip
 
     p = commands.add_parser("study", help="run a study's unfinished trials on Ray")
     p.add_argument("spec")

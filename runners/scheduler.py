@@ -39,6 +39,7 @@ class StudyOptions:
     cpus: int | None = None  # CPUs of the local Ray (default: all); ignored on a cluster
     gpus_per_trial: float | None = None  # default: a share estimated from each trial's memory
     checkpoint_every_s: float = 600.0  # a running trial's checkpoints (see TrainOptions)
+    profile_steps: tuple[int, int] | None = None  # steps every trial traces (see TrainOptions)
 
     def uri(self) -> str:
         return self.tracking_uri or default_tracking_uri(self.results_dir)
@@ -189,6 +190,7 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
                 experiment=spec.name, parent_run_id=parent, device=options.device, tags=tags,
                 log_every=10,  # many trials share one store: don't write it every step
                 shard=spec.resources.shards(trial), checkpoint_every_s=options.checkpoint_every_s,
+                profile_steps=options.profile_steps,
             )  # fmt: skip
             if workers[trial.trial_id] > 1:  # Ray Train places the workers, all at once
                 ref = data_parallel_task.options(max_retries=0).remote(

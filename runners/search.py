@@ -195,7 +195,7 @@ def run_search(spec: StudySpec, options: StudyOptions, settings: SearchOptions) 
         train = TrainOptions(
             workdir=workdir, tracking_uri=uri, data_dir=options.results_dir / "data",
             experiment=spec.name, parent_run_id=parent, device=options.device, log_every=10,
-            checkpoint_every_s=options.checkpoint_every_s,
+            checkpoint_every_s=options.checkpoint_every_s, profile_steps=options.profile_steps,
             tags={STUDY_TAG: spec.name, "kind": "trial", "optuna.study": spec.name,
                   "optuna.trial": number},
             on_eval=reporter if reports else None,

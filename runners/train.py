@@ -84,6 +84,10 @@ class TrainOptions:
     # Called with (step, tokens, metrics) after each interval evaluation; returning True
     # stops the trial as "pruned" (an Optuna pruner says it is not worth finishing).
     on_eval: Callable[[int, int, dict], bool] | None = None
+    # Steps (first, last), counted from 1 in this run of the process, traced by PyTorch's
+    # profiler to profile/rank<R>.json in the trial's folder (Chrome's trace format, for
+    # Perfetto); rank 0's is also an MLflow artifact. Where a step's time goes.
+    profile_steps: tuple[int, int] | None = None
 
 
 def _device(options: TrainOptions) -> torch.device:
@@ -199,6 +203,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(trial.model, self.seq_len)["training"]
         self.client = MlflowClient(options.tracking_uri) if self.chief else None
         self.log: RunLog | _Quiet = _Quiet()  # the trial's MLflow run, once run() opens it
+        self.profiler: torch.profiler.profile | None = None  # while profile_steps are traced
 
     # ---- state ------------------------------------------------------------------------
 
@@ -384,6 +389,7 @@ class Trainer:
         self.saved_at = time.perf_counter()
         try:
             while self.step < self.total_steps:
+                self._profile(steps_run)
                 if options.stop_after_steps is not None and steps_run >= options.stop_after_steps:
                     self.checkpoint()
                     self.log.end("interrupted")  # as Ctrl-C ends it, not left RUNNING
@@ -449,6 +455,26 @@ class Trainer:
             if self.chief:
                 self.client.log_text(self.run_id, traceback.format_exc(), "traceback.txt")
             return self._fail("failed", f"{type(err).__name__}: {err}")
+
+    def _profile(self, steps_run: int) -> None:
+        """Before each step: start tracing before step ``profile_steps[0]``, stop and write
+        the trace after step ``profile_steps[1]``."""
+        if self.options.profile_steps is None:
+            return
+        first, last = self.options.profile_steps
+        if steps_run == first - 1:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+        elif steps_run == last and self.profiler is not None:
+            self.profiler.stop()
+            path = self.dir / "profile" / f"rank{self.rank}.json"
+            path.parent.mkdir(exist_ok=True)
+            self.profiler.export_chrome_trace(str(path))
+            self.profiler = None
+            self.log.artifact(path, "profile")
 
     def _log_line(self, text: str) -> None:
         """The trial's own log file, beside its checkpoint: step lines and its ending."""

@@ -67,6 +67,26 @@ def test_four_trial_study_completes(tmp_path, corpus_dir, local_ray):
     assert finished_runs(tmp_path, "four") == {t.trial_id: 1 for t in trials}
 
 
+def test_cli_options_reach_every_trial(tmp_path, corpus_dir, local_ray):
+    """`--checkpoint-every-s 0` checkpoints after every step (0 is not 'the default'), and
+    `--profile-steps 2 3` leaves each trial a trace of those steps."""
+    from runners.cli import main
+
+    path = write_spec(tmp_path, corpus_dir, "flags", ["M*-", "*-"], steps=4)
+    results = tmp_path / "results"
+    assert main(["study", str(path), "--results", str(results), "--device", "cpu",
+                 "--checkpoint-every-s", "0", "--profile-steps", "2", "3"]) == 0  # fmt: skip
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    for trial in load_spec(path)[1]:
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("flags").experiment_id],
+            f"tags.`hybridscale.trial_id` = '{trial.trial_id}'",
+        )
+        saved = client.get_metric_history(run.info.run_id, "checkpoint_s")
+        assert sorted({m.step for m in saved}) == [1, 2, 3, 4]
+        assert (results / "flags" / "trials" / trial.trial_id / "profile" / "rank0.json").exists()
+
+
 def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, corpus_dir, local_ray):
     path = write_spec(tmp_path, corpus_dir, "kill", ["M*-"], steps=400)
     spec, trials = load_spec(path)

@@ -1,3 +1,4 @@
+import json
 import math
 import warnings
 from dataclasses import replace
@@ -119,6 +120,22 @@ def test_mlflow_run_holds_params_metrics_artifacts(tmp_path, corpus_dir, data_ca
     assert len(log) == 13 and log[-1].split(": ", 1)[1].startswith("finished")
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "metrics.json", "loss_curve.png"} <= artifacts
+
+
+def test_profile_traces_the_steps_asked_for(tmp_path, corpus_dir, data_cache):
+    """Steps 3-4 of 12 traced: the trace holds two optimizer steps, and rank 0's is an
+    artifact of the trial's MLflow run."""
+    trial = tiny_trial(corpus_dir)
+    outcome = train_trial(trial, options(tmp_path, data_cache, profile_steps=(3, 4)))
+    assert outcome.status == "finished", outcome.reason
+    trace = tmp_path / "trials" / trial.trial_id / "profile" / "rank0.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    steps = [e for e in events if e.get("name", "").startswith("Optimizer.step#AdamW")]
+    assert len(steps) == 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [a.path for a in client.list_artifacts(outcome.run_id, "profile")] == [
+        "profile/rank0.json"
+    ]
 
 
 def test_on_eval_hook_prunes(tmp_path, corpus_dir, data_cache):
