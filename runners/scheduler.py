@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from arch.accounting import param_counts
 from runners.config import TrialConfig
-from runners.distributed import data_parallel_task
+from runners.distributed import BROKEN, GroupPool
 from runners.spec import StudySpec
 from runners.tracking import STATUS_TAG, RunLog, default_tracking_uri, experiment_id
 from runners.train import TrainOptions, TrialOutcome, train_trial
@@ -178,6 +178,7 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
                 progress.show(f"{trial.trial_id} failed: {reason}")
 
         held: dict[str, dict[str, float]] = {}  # what each running trial holds
+        groups = GroupPool(use_gpu=bool(gpus))  # data-parallel trials' workers
 
         def submit(trial: TrialConfig) -> None:
             attempts[trial.trial_id] += 1
@@ -193,9 +194,7 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
                 profile_steps=options.profile_steps,
             )  # fmt: skip
             if workers[trial.trial_id] > 1:  # Ray Train places the workers, all at once
-                ref = data_parallel_task.options(max_retries=0).remote(
-                    trial, train, workers[trial.trial_id], bool(gpus)
-                )
+                ref = groups.train(trial, train, workers[trial.trial_id])
             else:
                 resources = {"num_cpus": 1, "num_gpus": need.get("GPU", 0)}
                 ref = run_remote.options(**resources, max_retries=0).remote(trial, train)
@@ -234,7 +233,9 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
                 trial = pending.pop(ref)
                 progress.running -= 1
                 outcome = collect(ref, trial)
-                retry = outcome.status in ("failed", "oom", "crashed")
+                retry = outcome.status in BROKEN
+                if trial.trial_id in groups.running:
+                    groups.ended(trial.trial_id, outcome)
                 if retry and attempts[trial.trial_id] <= options.max_retries:
                     progress.show(f"{trial.trial_id} {outcome.status} ({outcome.reason}); retrying")
                     submit(trial)  # on the resources it still holds
@@ -242,6 +243,7 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
                 for key, value in held.pop(trial.trial_id).items():
                     free[key] += value
                 start_fitting()
+                groups.close_idle()  # no queued trial wanted them: their GPUs go back
                 outcomes[trial.trial_id] = outcome
                 progress.ran += 1
                 if outcome.status == "finished":
@@ -252,11 +254,16 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
                 progress.show(f"{trial.trial_id} {outcome.status} {outcome.reason}".rstrip())
         except KeyboardInterrupt:
             interrupted = True
-            # Workers get SIGINT: each checkpoints and ends its run as KILLED.
+            # Single-worker trials get SIGINT: each checkpoints and ends its run as KILLED.
+            # Data-parallel trials end with their groups, to resume from their last checkpoint.
             for ref in pending:
-                ray.cancel(ref, force=False)
+                if pending[ref].trial_id not in groups.running:
+                    ray.cancel(ref, force=False)
+            groups.kill()
             ray.wait(list(pending), num_returns=len(pending), timeout=60)
             print("interrupted: running trials checkpointed; run the same command to resume")
+        else:
+            groups.close()  # no group outlives the study
         if interrupted:
             raise KeyboardInterrupt
 

@@ -8,7 +8,11 @@ sums (half-batch means averaged vs one full-batch mean), which stays below 1e-5 
 over these few steps.
 """
 
+import os
+import signal
 import textwrap
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -147,6 +151,54 @@ def test_study_mixes_data_parallel_and_single_trials(tmp_path, corpus_dir, local
     diverged = client.get_run(rows[1]["run_id"]).data.tags
     assert diverged["hybridscale.workers"] == "2" and "loss" in diverged["hybridscale.reason"]
     assert rows[2]["reason"].startswith("needs 8 CPU")
+
+
+def test_data_parallel_trials_share_one_worker_group(tmp_path, corpus_dir, data_cache, local_ray):
+    """Two 4-worker trials on 4 CPUs run one after the other on the same Ray Train workers
+    (rank 0's process wrote both trials' pid files), and the second, on workers that
+    trained another model first, still ends where one worker does."""
+    path = write_spec(tmp_path, corpus_dir, "{workers: 4}", steps=6)
+    spec, trials = load_spec(path)
+    trials = trials[:2]  # d_model 32 and 48
+    study = StudyOptions(results_dir=tmp_path / "results", device="cpu")
+    rows = run_study(spec, trials, study)
+    assert [r["status"] for r in rows] == ["finished"] * 2, rows
+    folder = tmp_path / "results" / "mixed" / "trials"
+    pids = {(folder / t.trial_id / "pid").read_text() for t in trials}
+    assert len(pids) == 1, pids
+    second = trials[1]
+    alone = Trainer(second, options(tmp_path / "alone", data_cache))
+    assert alone.run().status == "finished"
+    # A study logs every 10th step and the last: the 6th loss, which all before it shaped.
+    assert train_loss_curve(study.uri(), rows[1]["run_id"]) == [
+        pytest.approx(alone.history[-1][2], rel=1e-5)
+    ]
+    assert rows[1]["val_loss"] == pytest.approx(alone.evaluate()["val_loss"], rel=1e-5)
+
+
+def test_a_killed_rank_is_retried_on_new_workers(tmp_path, corpus_dir, local_ray):
+    """Rank 0 of a 2-worker trial killed mid-training: its group is broken, so the retry
+    starts new workers, which resume from the checkpoint and finish the same MLflow run."""
+    spec, trials = load_spec(write_spec(tmp_path, corpus_dir, "{workers: 2}", steps=400))
+    trials = trials[:1]
+    study = StudyOptions(results_dir=tmp_path / "results", device="cpu", checkpoint_every_s=1)
+    trial_dir = tmp_path / "results" / "mixed" / "trials" / trials[0].trial_id
+    rows: list = []
+    thread = threading.Thread(target=lambda: rows.extend(run_study(spec, trials, study)))
+    thread.start()
+    deadline = time.time() + 180
+    while not (trial_dir / "checkpoint.pt").exists():  # a second into training
+        assert time.time() < deadline, "the trial never checkpointed"
+        time.sleep(0.2)
+    killed = (trial_dir / "pid").read_text()
+    os.kill(int(killed), signal.SIGKILL)
+    thread.join(timeout=600)
+    assert rows and rows[0]["status"] == "finished", rows
+    assert (trial_dir / "pid").read_text() != killed  # another rank 0 finished it
+    client = MlflowClient(study.uri())
+    runs = client.search_runs([client.get_experiment_by_name("mixed").experiment_id],
+                              "tags.kind = 'trial'")  # fmt: skip
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the one run, resumed
 
 
 def test_bad_workers_are_spec_errors(tmp_path, corpus_dir):
