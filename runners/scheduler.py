@@ -135,7 +135,8 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
     study_dir = options.results_dir / spec.name
     workdir = options.checkpoint_dir or study_dir / "trials"
     parent = parent_run(client, uri, spec.name)
-    done = finished_trials(client, spec.name)
+    ids = {t.trial_id for t in trials}  # the store may hold other trials of the study
+    done = {i: run for i, run in finished_trials(client, spec.name).items() if i in ids}
     todo = [t for t in trials if t.trial_id not in done]
     print(
         f"study {spec.name}: {len(trials)} trials, {len(done)} already finished, {len(todo)} to run"
