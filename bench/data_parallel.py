@@ -17,12 +17,14 @@ Needs a machine with at least 2 GPUs. Three measurements, side by side in one ru
     python bench/data_parallel.py [--steps 30] [--shard] [--compile]
                                   [--measure scaling allreduce mixed]
                                   [--tokens 8M] [--seeds 3] [--budget-s 420]
-                                  [--out FILE]
+                                  [--traces DIR] [--out FILE]
 
 ``--shard``: the data-parallel trials shard weights, gradients and Adam moments (FSDP)
 instead of replicating them (DDP), in both measurements; the one-GPU run is the same.
 ``--compile``: every trial trains compiled (``training.compile: true``), in both.
 ``--measure``: which of scaling, allreduce and mixed to run (all three by default).
+``--traces``: the scaling runs trace each rank's last 3 steps (kept in DIR) and report
+the GPU's busy, communicating and idle milliseconds a step.
 Prints one JSON line per measurement (with each scaling run's median peak GPU memory)
 and a markdown table.
 """
@@ -30,6 +32,7 @@ and a markdown table.
 import _thread
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import textwrap
@@ -41,6 +44,7 @@ import ray
 import torch
 from gpu_util import GpuSampler  # bench/, beside this script
 from mlflow.tracking import MlflowClient
+from trace_summary import summarize
 
 from arch.accounting import param_counts
 from arch.config import ModelConfig
@@ -52,22 +56,33 @@ from runners.train import TrainOptions
 
 MODEL_350M = {"d_model": 1024, "n_layers": 48, "n_heads": 16, "attention_ratio": 0.08,
               "mlp_ratio": 0.5, "d_state": 128, "ssm_headdim": 64, "vocab_size": 264}  # fmt: skip
-SEQ_LEN, BATCH, MICRO = 1024, 32, 8  # 32K tokens a step: 1 GPU runs 4 micro-batches, 2 run 2
 
 
-def scaling(folder: Path, workers: int, steps: int, shard: bool, compile: bool) -> dict:
+def scaling(folder: Path, workers: int, args: argparse.Namespace) -> dict:
+    steps, shard, compile, traces = args.steps, args.shard, args.compile, args.traces
     trial = TrialConfig.model_validate({
         "model": MODEL_350M,
-        "data": {"seq_len": SEQ_LEN},
-        "training": {"tokens": BATCH * SEQ_LEN * 1000, "batch_size": BATCH,
-                     "micro_batch_size": MICRO, "lr": 1e-3, "compile": compile},
+        "data": {"seq_len": args.seq_len},
+        "training": {"tokens": args.batch * args.seq_len * 1000, "batch_size": args.batch,
+                     "micro_batch_size": args.micro, "lr": 1e-3, "compile": compile},
     })  # fmt: skip
     uri = f"sqlite:///{folder / f'scaling{workers}.db'}"
     options = TrainOptions(workdir=folder / f"scaling{workers}", tracking_uri=uri,
                            data_dir=folder / "data", stop_after_steps=steps,
-                           checkpoint_every_s=float("inf"), shard=shard)  # fmt: skip
+                           checkpoint_every_s=float("inf"), shard=shard,
+                           profile_steps=(steps - 2, steps) if traces else None)  # fmt: skip
+    start = time.time()
     outcome = run_data_parallel(trial, options, workers=workers, use_gpu=True)
+    wall = time.time() - start
     assert outcome.status == "interrupted", outcome
+    profiles = []
+    if traces:  # each rank's trace of the last 3 steps, kept, and where its time went
+        traces.mkdir(parents=True, exist_ok=True)
+        for rank in range(workers):
+            trace = options.workdir / trial.trial_id / "profile" / f"rank{rank}.json"
+            kept = traces / f"{'compiled' if compile else 'eager'}-gpus{workers}-rank{rank}.json"
+            shutil.copy(trace, kept)
+            profiles.append(summarize(kept))
     client = MlflowClient(uri)
 
     def after_warmup(metric: str) -> list[float]:
@@ -76,10 +91,12 @@ def scaling(folder: Path, workers: int, steps: int, shard: bool, compile: bool) 
 
     rates, mfu = after_warmup("tokens_per_s"), after_warmup("mfu")
     return {"measure": "scaling", "gpus": workers, "sharded": shard and workers > 1,
-            "compiled": compile,
+            "compiled": compile, "seq_len": args.seq_len, "batch": args.batch,
+            "micro_batch": args.micro, "wall_s": wall,
             "steps": len(rates), "tokens_per_s": statistics.median(rates),
             "mfu": statistics.median(mfu) if mfu else None,
-            "peak_memory_gb": statistics.median(after_warmup("peak_memory_gb"))}  # fmt: skip
+            "peak_memory_gb": statistics.median(after_warmup("peak_memory_gb")),
+            "profile": profiles}  # fmt: skip
 
 
 def _allreduce_loop(config: dict) -> None:
@@ -177,21 +194,31 @@ def util_while_training(sampler: GpuSampler, trial_phases: list[dict]) -> list[f
     return means
 
 
-def mixed_study(
-    folder: Path, shard: bool, compile: bool, tokens: str, seeds: int, budget_s: float
-) -> dict:
+def util_between_trials(sampler: GpuSampler, trial_phases: list[dict]) -> list[float | None]:
+    """Each GPU's mean utilisation from the first step any trial took to the last: the
+    study's start-up (Ray, the first worker group, the first model built) set aside, every
+    gap between trials (worker groups, models built, evaluation, checkpoints) counted."""
+    spans = [p["training"] for p in trial_phases if p]
+    if not spans:
+        return [None] * len(sampler.samples[0])
+    start, end = min(s for s, _ in spans), max(e for _, e in spans)
+    inside = [u for t, u in zip(sampler.times, sampler.samples, strict=True) if start <= t <= end]
+    return [statistics.mean(gpu) for gpu in zip(*inside, strict=True)]
+
+
+def mixed_study(folder: Path, args: argparse.Namespace) -> dict:
     path = folder / "mixed.yaml"
-    shard_from = "100M" if shard else "null"
-    text = MIXED.format(seq_len=SEQ_LEN, batch=BATCH, micro=MICRO, shard_from=shard_from,
-                        tokens=tokens, seeds=list(range(seeds)),
-                        compile=str(compile).lower())  # fmt: skip
+    shard_from = "100M" if args.shard else "null"
+    text = MIXED.format(seq_len=args.seq_len, batch=args.batch, micro=args.micro,
+                        shard_from=shard_from, tokens=args.tokens, seeds=list(range(args.seeds)),
+                        compile=str(args.compile).lower())  # fmt: skip
     path.write_text(textwrap.dedent(text))
     spec, trials = load_spec(path)
     options = StudyOptions(results_dir=folder / "results")
     # Past the budget, the study is interrupted as Ctrl-C would (running trials checkpoint)
     # and what ran is still reported: a device call has a time limit, and a run killed at
     # it reported nothing.
-    timer = threading.Timer(budget_s, _thread.interrupt_main)
+    timer = threading.Timer(args.budget_s, _thread.interrupt_main)
     start, interrupted = time.time(), False
     with GpuSampler() as sampler:
         timer.start()
@@ -205,8 +232,8 @@ def mixed_study(
     per_gpu = list(zip(*sampler.samples, strict=True))
     trial_phases = {r["trial"]: phases(client, r["run_id"]) for r in rows if r["run_id"]}
     return {
-        "measure": "mixed_study", "trials": len(rows), "tokens_per_trial": tokens,
-        "compiled": compile,
+        "measure": "mixed_study", "trials": len(rows), "tokens_per_trial": args.tokens,
+        "compiled": args.compile,
         "finished": sum(r["status"] == "finished" for r in rows),
         "interrupted_at_budget": interrupted,
         "data_parallel_trials": sum(spec.resources.workers_for(t) > 1 for t in trials),
@@ -215,6 +242,7 @@ def mixed_study(
         "gpu_util_mean": [statistics.mean(g) for g in per_gpu],
         "gpu_idle_share": [sum(u < 5 for u in g) / len(g) for g in per_gpu],
         "gpu_util_while_training": util_while_training(sampler, list(trial_phases.values())),
+        "gpu_util_first_to_last_step": util_between_trials(sampler, list(trial_phases.values())),
         "trial_phases": trial_phases,
     }  # fmt: skip
 
@@ -244,7 +272,16 @@ def main() -> None:
         default=420,
         help="interrupt the mixed study after this many seconds and report what ran",
     )
+    parser.add_argument("--seq-len", type=int, default=1024, help="the 350M trials' seq_len")
+    parser.add_argument("--batch", type=int, default=32, help="their global batch (sequences)")
+    parser.add_argument("--micro", type=int, default=8, help="their micro-batch (sequences)")
     parser.add_argument("--out")
+    parser.add_argument(
+        "--traces",
+        type=Path,
+        help="scaling: trace each rank's last 3 steps into this folder, and say where "
+        "their GPU time went (bench/trace_summary.py)",
+    )
     args = parser.parse_args()
     gpus = torch.cuda.device_count()
     if gpus < 2:
@@ -253,17 +290,20 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        if "scaling" in args.measure:
-            one, two = (scaling(folder, n, args.steps, args.shard, args.compile) for n in (1, 2))
+        # Each row printed once measured: a device call's time limit loses only the rest.
+        if "scaling" in args.measure:  # 2 GPUs first: the run under test, and the slower start
+            two = scaling(folder, 2, args)
+            print(json.dumps(two), flush=True)
+            one = scaling(folder, 1, args)
             two["speedup"] = two["tokens_per_s"] / one["tokens_per_s"]
+            print(json.dumps(one), flush=True)
             results += [one, two]
         if "allreduce" in args.measure:
             results += allreduce(folder)
+            print("\n".join(json.dumps(row) for row in results[-2:]), flush=True)
         if "mixed" in args.measure:
-            results.append(mixed_study(folder, args.shard, args.compile, args.tokens, args.seeds,
-                                       args.budget_s))  # fmt: skip
-    for row in results:
-        print(json.dumps(row), flush=True)
+            results.append(mixed_study(folder, args))
+            print(json.dumps(results[-1]), flush=True)
     if "scaling" in args.measure:
         print(f"\n| GPUs | tokens/s | MFU | peak GB | speedup |\n|---|---|---|---|---|\n"
               f"| 1 | {one['tokens_per_s']:,.0f} | {one['mfu'] or 0:.3f} "
@@ -277,7 +317,8 @@ def main() -> None:
         print(f"\nmixed study{cut}: {mixed['finished']}/{mixed['trials']} finished in "
               f"{mixed['wall_s']:.0f}s; GPU utilisation {mixed['gpu_util_mean']}, "
               f"idle share {mixed['gpu_idle_share']}, while trials trained "
-              f"{mixed['gpu_util_while_training']}")  # fmt: skip
+              f"{mixed['gpu_util_while_training']}, from the first step to the last "
+              f"{mixed['gpu_util_first_to_last_step']}")  # fmt: skip
         for trial, p in mixed["trial_phases"].items():
             if p:  # run times from the study's start: the gaps between runs are start-up
                 opened, ended = (t - mixed["started"] for t in p["run"])
