@@ -3,8 +3,9 @@
 Needs a machine with at least 2 GPUs. Three measurements, side by side in one run:
 
 1. Scaling: the same 350M-parameter hybrid trial (d_model 1024, 48 layers, the paper's
-   8% attention / 50% MLP mix, byte vocabulary) at the same global batch, through the
-   study's own data-parallel path (Ray Train, DDP over NCCL), on 1 and on 2 GPUs; tokens/s
+   8% attention / 50% MLP mix, byte vocabulary; by default seqlen 2048, global batch 64
+   in micro-batches of 16: --seq-len, --batch, --micro) at the same global batch, through
+   the study's own data-parallel path (Ray Train, DDP over NCCL), on 1 and 2 GPUs; tokens/s
    is the median over the steps after warm-up, read back from each run's MLflow metrics.
    Target: 2 GPUs >= 1.8x one.
 2. The gradient all-reduce alone (``--measure allreduce``): the scaling trial's fp32
@@ -16,6 +17,7 @@ Needs a machine with at least 2 GPUs. Three measurements, side by side in one ru
 
     python bench/data_parallel.py [--steps 30] [--shard] [--compile]
                                   [--measure scaling allreduce mixed]
+                                  [--seq-len 2048] [--batch 64] [--micro 16]
                                   [--tokens 8M] [--seeds 3] [--budget-s 420]
                                   [--traces DIR] [--out FILE]
 
@@ -272,9 +274,11 @@ def main() -> None:
         default=420,
         help="interrupt the mixed study after this many seconds and report what ran",
     )
-    parser.add_argument("--seq-len", type=int, default=1024, help="the 350M trials' seq_len")
-    parser.add_argument("--batch", type=int, default=32, help="their global batch (sequences)")
-    parser.add_argument("--micro", type=int, default=8, help="their micro-batch (sequences)")
+    # A 350M trial as one would run it: 128K tokens a step, micro-batches that fill a GPU.
+    # (At micro-batches of 8 x 1024 a compiled step is bound by launching kernels.)
+    parser.add_argument("--seq-len", type=int, default=2048, help="the 350M trials' seq_len")
+    parser.add_argument("--batch", type=int, default=64, help="their global batch (sequences)")
+    parser.add_argument("--micro", type=int, default=16, help="their micro-batch (sequences)")
     parser.add_argument("--out")
     parser.add_argument(
         "--traces",
