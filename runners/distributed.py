@@ -16,6 +16,7 @@ workers at once (gang scheduling): a group never holds some of its GPUs while it
 for the rest.
 """
 
+import contextlib
 import gc
 import threading
 import uuid
@@ -191,8 +192,7 @@ class GroupPool:
         """Every group ends once its trial has; returns when all have."""
         self.close_idle()
         for group, closed in self.closing:
-            ray.get(closed)
-            ray.kill(group)
+            _end(group, closed)
         self.closing = []
 
     def kill(self) -> None:
@@ -204,9 +204,12 @@ class GroupPool:
             ray.kill(group)
 
 
-def _end(group) -> None:
-    ray.get(group.close.remote())
-    ray.kill(group)  # its process: the workers have ended and freed their resources
+def _end(group, closed=None) -> None:
+    """Close ``group`` (or wait for its ``closed`` ref) and end its process: its workers
+    have ended and freed their resources, unless the group itself died first."""
+    with contextlib.suppress(ray.exceptions.RayActorError):
+        ray.get(closed or group.close.remote())
+    ray.kill(group)
 
 
 def run_data_parallel(
