@@ -47,3 +47,35 @@ def test_small_trials_spread_over_idle_gpus(tmp_path, corpus_dir, ray_with_two_g
     tags = [client.get_run(row["run_id"]).data.tags for row in rows]
     assert sorted(t[GPU_IDS_TAG] for t in tags) == ["0", "0", "1"]
     assert [t[GPU_SHARE_TAG] for t in tags] == ["0.5"] * 3
+
+
+def test_mixed_study_runs_large_trials_first_on_shared_workers(
+    tmp_path, corpus_dir, ray_with_two_gpus
+):
+    """Two trials on both GPUs and two single-GPU ones: the large ones run first, one after
+    the other on the same two workers (rank 0's one process); the small ones then take a
+    GPU each, never waiting on a GPU a running trial left idle."""
+    path = tmp_path / "mixed.yaml"
+    path.write_text(textwrap.dedent(f"""
+        name: mixed
+        model: {{d_model: 32, n_heads: 4, d_state: 8, ssm_headdim: 16, chunk_size: 16,
+                 vocab_size: 264, pattern: "M*-"}}
+        data: {{paths: ["{corpus_dir}/*.py"], seq_len: 64}}
+        training: {{tokens: {64 * 4 * 4}, batch_size: 4, lr: 3.0e-3}}
+        sweep: {{size: [{{d_model: 64}}, {{d_model: 32}}], seed: [0, 1]}}
+        resources: {{workers: {{50K: 2}}}}
+    """))  # fmt: skip
+    spec, trials = load_spec(path)
+    large = [t for t in trials if spec.resources.workers_for(t) == 2]
+    small = [t for t in trials if spec.resources.workers_for(t) == 1]
+    assert len(large) == len(small) == 2
+    options = StudyOptions(results_dir=tmp_path / "results", device="cpu")
+    rows = {r["trial"]: r for r in run_study(spec, trials, options)}
+    assert [r["status"] for r in rows.values()] == ["finished"] * 4, rows
+    folder = tmp_path / "results" / "mixed" / "trials"
+    assert len({(folder / t.trial_id / "pid").read_text() for t in large}) == 1
+    client = MlflowClient(options.uri())
+    run = {trial_id: client.get_run(row["run_id"]) for trial_id, row in rows.items()}
+    assert sorted(run[t.trial_id].data.tags[GPU_IDS_TAG] for t in small) == ["0", "1"]
+    large_end = max(run[t.trial_id].info.end_time for t in large)
+    assert all(run[t.trial_id].info.start_time >= large_end for t in small)
