@@ -58,6 +58,9 @@ from runners.train import TrainOptions
 
 MODEL_350M = {"d_model": 1024, "n_layers": 48, "n_heads": 16, "attention_ratio": 0.08,
               "mlp_ratio": 0.5, "d_state": 128, "ssm_headdim": 64, "vocab_size": 264}  # fmt: skip
+# A 350M trial as one would run it: 128K tokens a step, micro-batches that fill a GPU.
+# (At micro-batches of 8 x 1024 a compiled step is bound by launching kernels.)
+SEQ_LEN, BATCH, MICRO = 2048, 64, 16  # the defaults of --seq-len, --batch, --micro
 
 
 def scaling(folder: Path, workers: int, args: argparse.Namespace) -> dict:
@@ -274,11 +277,9 @@ def main() -> None:
         default=420,
         help="interrupt the mixed study after this many seconds and report what ran",
     )
-    # A 350M trial as one would run it: 128K tokens a step, micro-batches that fill a GPU.
-    # (At micro-batches of 8 x 1024 a compiled step is bound by launching kernels.)
-    parser.add_argument("--seq-len", type=int, default=2048, help="the 350M trials' seq_len")
-    parser.add_argument("--batch", type=int, default=64, help="their global batch (sequences)")
-    parser.add_argument("--micro", type=int, default=16, help="their micro-batch (sequences)")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="the 350M trials' seq_len")
+    parser.add_argument("--batch", type=int, default=BATCH, help="their global batch (sequences)")
+    parser.add_argument("--micro", type=int, default=MICRO, help="their micro-batch (sequences)")
     parser.add_argument("--out")
     parser.add_argument(
         "--traces",

@@ -59,11 +59,12 @@ def _study_options(args: argparse.Namespace):
     from runners.scheduler import StudyOptions
 
     every_s = getattr(args, "checkpoint_every_s", None)  # 0 is a choice: every step
+    profile_steps = getattr(args, "profile_steps", None)  # argparse gives [first, last]
     return StudyOptions(
         results_dir=Path(args.results), tracking_uri=args.tracking_uri,
         address=getattr(args, "address", None), max_retries=getattr(args, "retries", 2),
         device=getattr(args, "device", None), cpus=getattr(args, "cpus", None),
-        profile_steps=tuple(getattr(args, "profile_steps", None) or ()) or None,
+        profile_steps=tuple(profile_steps) if profile_steps else None,
         **({} if every_s is None else {"checkpoint_every_s": every_s}),
     )  # fmt: skip
 
