@@ -432,6 +432,8 @@ class Trainer:
                 if save or (every and self.step % every == 0):
                     self.checkpoint()
                     last_end = None
+            # A trial shorter than profile_steps: the steps it had, not a profiler left on.
+            self._write_profile()
             evaluation = self.evaluate()
             self.log.metrics(evaluation, self.step, _now_ms())
             tokens = self.step * self.tokens_per_step
@@ -468,7 +470,12 @@ class Trainer:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.start()
-        elif steps_run == last and self.profiler is not None:
+        elif steps_run == last:
+            self._write_profile()
+
+    def _write_profile(self) -> None:
+        """Stop tracing, if tracing, and write the trace of the steps traced."""
+        if self.profiler is not None:
             self.profiler.stop()
             path = self.dir / "profile" / f"rank{self.rank}.json"
             path.parent.mkdir(exist_ok=True)

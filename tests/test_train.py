@@ -138,6 +138,18 @@ def test_profile_traces_the_steps_asked_for(tmp_path, corpus_dir, data_cache):
     ]
 
 
+def test_profile_past_the_trials_end_traces_its_last_steps(tmp_path, corpus_dir, data_cache):
+    """Steps 11-20 asked of a 12-step trial: the trace is written when it finishes, with
+    the two steps it had."""
+    trial = tiny_trial(corpus_dir)
+    outcome = train_trial(trial, options(tmp_path, data_cache, profile_steps=(11, 20)))
+    assert outcome.status == "finished", outcome.reason
+    trace = tmp_path / "trials" / trial.trial_id / "profile" / "rank0.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    steps = [e for e in events if e.get("name", "").startswith("Optimizer.step#AdamW")]
+    assert len(steps) == 2
+
+
 def test_on_eval_hook_prunes(tmp_path, corpus_dir, data_cache):
     seen = []
 
