@@ -122,16 +122,22 @@ def test_mlflow_run_holds_params_metrics_artifacts(tmp_path, corpus_dir, data_ca
     assert {"config.yaml", "metrics.json", "loss_curve.png"} <= artifacts
 
 
-def test_profile_traces_the_steps_asked_for(tmp_path, corpus_dir, data_cache):
-    """Steps 3-4 of 12 traced: the trace holds two optimizer steps, and rank 0's is an
-    artifact of the trial's MLflow run."""
+def traced_steps(tmp_path, corpus_dir, data_cache, profile_steps):
+    """A 12-step trial trained with ``profile_steps``: its outcome, and how many optimizer
+    steps rank 0's trace holds."""
     trial = tiny_trial(corpus_dir)
-    outcome = train_trial(trial, options(tmp_path, data_cache, profile_steps=(3, 4)))
+    outcome = train_trial(trial, options(tmp_path, data_cache, profile_steps=profile_steps))
     assert outcome.status == "finished", outcome.reason
     trace = tmp_path / "trials" / trial.trial_id / "profile" / "rank0.json"
     events = json.loads(trace.read_text())["traceEvents"]
-    steps = [e for e in events if e.get("name", "").startswith("Optimizer.step#AdamW")]
-    assert len(steps) == 2
+    return outcome, sum(e.get("name", "").startswith("Optimizer.step#AdamW") for e in events)
+
+
+def test_profile_traces_the_steps_asked_for(tmp_path, corpus_dir, data_cache):
+    """Steps 3-4 of 12 traced: the trace holds two optimizer steps, and rank 0's is an
+    artifact of the trial's MLflow run."""
+    outcome, steps = traced_steps(tmp_path, corpus_dir, data_cache, (3, 4))
+    assert steps == 2
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [a.path for a in client.list_artifacts(outcome.run_id, "profile")] == [
         "profile/rank0.json"
@@ -141,13 +147,7 @@ def test_profile_traces_the_steps_asked_for(tmp_path, corpus_dir, data_cache):
 def test_profile_past_the_trials_end_traces_its_last_steps(tmp_path, corpus_dir, data_cache):
     """Steps 11-20 asked of a 12-step trial: the trace is written when it finishes, with
     the two steps it had."""
-    trial = tiny_trial(corpus_dir)
-    outcome = train_trial(trial, options(tmp_path, data_cache, profile_steps=(11, 20)))
-    assert outcome.status == "finished", outcome.reason
-    trace = tmp_path / "trials" / trial.trial_id / "profile" / "rank0.json"
-    events = json.loads(trace.read_text())["traceEvents"]
-    steps = [e for e in events if e.get("name", "").startswith("Optimizer.step#AdamW")]
-    assert len(steps) == 2
+    assert traced_steps(tmp_path, corpus_dir, data_cache, (11, 20))[1] == 2
 
 
 def test_on_eval_hook_prunes(tmp_path, corpus_dir, data_cache):
