@@ -155,6 +155,13 @@ def bootstrap_law(
     return fit
 
 
+def fit_nd(params, tokens, loss, resamples: int, seed: int = 0) -> LawFit:
+    """L(N, D) as the analysis fits it: the points checked (FitError if too few), the law
+    fitted and bootstrapped."""
+    check_law_points(params, tokens)
+    return bootstrap_law(fit_law([params, tokens], loss), [params, tokens], loss, resamples, seed)
+
+
 def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """The central percentile interval of bootstrap values (NaNs, failed refits, dropped)."""
     values = np.asarray(values, float)
@@ -174,7 +181,7 @@ def check_law_points(params: np.ndarray, tokens: np.ndarray) -> None:
     if counts < MIN_TOKEN_COUNTS:
         missing.append(f"{MIN_TOKEN_COUNTS} distinct token counts (has {counts})")
     if len(params) < MIN_TRIALS:
-        missing.append(f"{MIN_TRIALS} finished trials (has {len(params)})")
+        missing.append(f"{MIN_TRIALS} points of distinct (N, D) (has {len(params)})")
     if missing:
         raise FitError(f"L(N, D) needs at least {', '.join(missing)}")
     if abs(np.corrcoef(np.log(params), np.log(tokens))[0, 1]) > 0.999:

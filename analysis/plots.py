@@ -174,6 +174,54 @@ def fit_residuals(study: StudyAnalysis) -> bytes | None:
     return _png(fig)
 
 
+PROBE_SIZES = 3  # lines per probe: each mix's largest sizes, more would crowd the plot
+
+
+def probe_names(study: StudyAnalysis) -> list[str]:
+    keys = {k for m in study.mixes for r in m.trials for k in r}
+    return sorted(k for k in keys if k.startswith("probe_") and k.endswith("_acc"))
+
+
+def largest_budget_accuracy(trials: list[dict], probe: str) -> list[float]:
+    """Per model size, largest first: the probe's accuracy at that size's largest compute
+    (the mean over the trials there, seeds or settings)."""
+    measured = [r for r in trials if probe in r]
+    out = []
+    for size in sorted({r["params"] for r in measured}, reverse=True):
+        at_size = [r for r in measured if r["params"] == size]
+        top = max(r["flops"] for r in at_size)
+        out.append(float(np.mean([r[probe] for r in at_size if r["flops"] == top])))
+    return out
+
+
+def _ordinal(rank: int) -> str:
+    return "largest size" if rank == 0 else f"{rank + 1}{'nd' if rank == 1 else 'rd'} largest"
+
+
+def probe_accuracy(study: StudyAnalysis) -> bytes | None:
+    """Each probe's accuracy against attention share: one line per size rank within each
+    mix (its largest, 2nd, 3rd largest model), at that size's largest compute."""
+    probes = probe_names(study)
+    if not probes:
+        return None
+    fig = Figure(figsize=(5.5 * len(probes), 4))
+    axes = fig.subplots(1, len(probes), squeeze=False)
+    for ax, probe in zip(axes[0], probes, strict=True):
+        lines: dict[int, list[tuple[float, float]]] = {}
+        for m in study.mixes:
+            accuracies = largest_budget_accuracy(m.trials, probe)[:PROBE_SIZES]
+            for rank, accuracy in enumerate(accuracies):
+                lines.setdefault(rank, []).append((m.mix.attention, accuracy))
+        for rank, color in zip(sorted(lines), _colors(len(lines)), strict=True):
+            x, y = zip(*sorted(lines[rank]), strict=True)
+            ax.plot(x, y, "o-", color=color, label=_ordinal(rank))
+        name = probe.removeprefix("probe_").removesuffix("_acc")
+        ax.set(xlabel="attention share of layers", ylabel="accuracy", title=name, ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+    fig.suptitle("Probe accuracy against attention share (each size at its largest compute)")
+    return _png(fig)
+
+
 FIGURES = {
     "loss_vs_compute": loss_vs_compute,
     "isoflop_profiles": isoflop_profiles,
@@ -181,4 +229,5 @@ FIGURES = {
     "predictions_8b": predictions_8b,
     "ratio_curve": ratio_curve,
     "fit_residuals": fit_residuals,
+    "probe_accuracy": probe_accuracy,
 }

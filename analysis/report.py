@@ -5,241 +5,284 @@ written to ``results/<study>/analysis/`` and logged to the study's MLflow parent
 import base64
 import html
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from analysis.blocks import Block, Footnotes, est, num, times
+from analysis.diagnostics import Flag
+from analysis.envelope import summary as envelope_summary
 from analysis.extrapolate import DECODE_BATCHES, PAPER_SEQ_LEN, PAPER_TOKENS
 from analysis.fit import interval
 from analysis.plots import FIGURES
-from analysis.study import StudyAnalysis, analyze, decode_key
+from analysis.sections import backtest_section, data_section, envelope_section, epochs_cell
+from analysis.study import StudyAnalysis, analyze, decode_key, loss_key
 from analysis.table import load_runs
 
 STUDY_TAG = "hybridscale.study"  # the scheduler's tag on a study's parent run
 
 
-@dataclass
-class Block:
-    kind: str  # "h1" | "h2" | "p" | "table" | "figure"
-    text: str = ""
-    header: tuple = ()
-    rows: tuple = ()
-    png: bytes = b""
+def _noted(label: str, flags: list[Flag]) -> list[str]:
+    return [f"{label}, {flag}" for flag in flags]
 
 
-def _num(x: float) -> str:
-    if x is None or not np.isfinite(x):
-        return "n/a"
-    return f"{x:.4g}" if 1e-3 <= abs(x) < 1e5 else f"{x:.3g}"
+def _with_interval(value: float, samples: np.ndarray) -> str:
+    return f"{num(value)} [{', '.join(map(num, interval(samples)))}]"
 
 
-def _est(e: dict | None) -> str:
-    if not e:
-        return ""
-    return f"{_num(e['value'])} [{_num(e['lo'])}, {_num(e['hi'])}]"
-
-
-def _param_table(fits: list[tuple[str, object]]) -> Block | None:
-    """Named parameters of each fitted law, with their bootstrap intervals."""
+def _param_table(fits: list[tuple[str, object, list[Flag]]], notes: Footnotes) -> Block | None:
+    """Named parameters of each fitted law, with their bootstrap intervals and flags."""
     rows = []
-    for label, fit in fits:
+    for label, fit, flags in fits:
         samples = fit.sample_params()
         cells = [
-            f"{_num(v)} [{', '.join(map(_num, interval(samples[k])))}]"
+            notes.mark(
+                _with_interval(v, samples[k]), _noted(label, [f for f in flags if f.name == k])
+            )
             for k, v in fit.params().items()
         ]
-        rows.append((label, fit.n_points, _num(fit.objective), *cells))
+        rows.append((label, fit.n_points, num(fit.objective), *cells))
     if not rows:
         return None
     names = tuple(fits[0][1].params())
     return Block("table", header=("mix", "points", "Huber objective", *names), rows=tuple(rows))
 
 
-def blocks(study: StudyAnalysis, name: str, resamples: int) -> list[Block]:
-    out = [Block("h1", f"Scaling analysis: {name}")]
-    n_trials = sum(len(m.rows) for m in study.mixes)
-    out.append(
+def _summary(study: StudyAnalysis, name: str, resamples: int) -> list[Block]:
+    n_trials = sum(len(m.trials) for m in study.mixes)
+    n_points = sum(len(m.rows) for m in study.mixes)
+    out = [
+        Block("h1", f"Scaling analysis: {name}"),
         Block(
             "p",
-            f"{n_trials} finished trials in {len(study.mixes)} layer mixes. "
-            f"Intervals are 95% bootstrap percentiles over {resamples} resamples "
-            "of each mix's trials.",
-        )
-    )
+            f"{n_trials} finished trials, {n_points} fitted points, in {len(study.mixes)} "
+            f"layer mixes. Intervals are 95% bootstrap percentiles over {resamples} "
+            "resamples of each mix's points. A number marked [!n] rests on a fit the "
+            "diagnostics flag; note n, below its table, says why.",
+        ),
+    ]
     missing = study.notes + [f"{m.mix.label}: {note}" for m in study.mixes for note in m.notes]
     if missing:
         out.append(Block("h2", "What could not be fitted"))
         out.extend(Block("p", note) for note in missing)
+    return out
 
-    if study.comparisons:
-        out.append(Block("h2", "Which mix wins at 8B"))
-        out.append(
-            Block(
-                "p",
-                "Loss of A minus loss of B, each at its 8B configuration; "
-                "negative means A is better. P(A better) is the share of "
-                "bootstrap pairs in which A has the lower loss.",
+
+def _comparisons(study: StudyAnalysis) -> list[Block]:
+    if not study.comparisons:
+        return []
+    notes, rows = Footnotes(), []
+    for c in study.comparisons:
+        p = "rests on a flagged fit" if c["flagged"] else f"{c['p_a_better']:.2f}"
+        rows.append(
+            (
+                c["a"],
+                c["b"],
+                f"{c['tokens'] / 1e12:.2g}T",
+                notes.mark(est(c["diff"]), c["flagged"]),
+                notes.mark(p, c["flagged"]),
             )
         )
-        out.append(
-            Block(
-                "table",
-                header=("A", "B", "tokens", "loss A - loss B", "P(A better)"),
-                rows=tuple(
-                    (
-                        c["a"],
-                        c["b"],
-                        f"{c['tokens'] / 1e12:.2g}T",
-                        _est(c["diff"]),
-                        f"{c['p_a_better']:.2f}",
-                    )
-                    for c in study.comparisons
-                ),
-            )
-        )
-
-    out.append(Block("h2", "Predictions at the paper's 8B configurations"))
-    out.append(
-        Block(
-            "p",
-            f"N from arch.accounting; compute C is the configuration's training "
-            f"FLOPs per token at sequence length {PAPER_SEQ_LEN} times "
-            f"{PAPER_TOKENS[0] / 1e12:.2g}T tokens. N_opt, D_opt, L_opt: the "
-            "compute-optimal split of C under L(N, D); IsoFLOP N_opt from "
-            "Approach 2's power law; L(C) from the frontier fit. Splitting C into N and D "
-            "uses FLOPs per token as a power law of N through the mix's trials and its 8B "
-            "configuration. Decode tokens/s: tokens generated per second over a batch of "
-            f"sequences, each {PAPER_SEQ_LEN} tokens in, as arch/decode_cost.py models "
-            "fused decode kernels on an H100 at its default, uncalibrated constants "
-            "(bench/decode.py measures and calibrates).",
-        )
+    text = (
+        "Loss of A minus loss of B, each at its 8B configuration; negative means A is "
+        "better. P(A better) is the share of bootstrap pairs in which A has the lower loss; "
+        "where either mix's fit or predicted loss is flagged it is not given."
     )
-    keys = [f"loss@{t:.2g}" for t in PAPER_TOKENS] + [
-        "N_opt",
-        "D_opt",
-        "L_opt",
-        "isoflop N_opt",
-        "isoflop D_opt",
-        "frontier L(C)",
+    header = ("A", "B", "tokens", "loss A - loss B", "P(A better)")
+    return [
+        Block("h2", "Which mix wins at 8B"),
+        Block("p", text),
+        Block("table", header=header, rows=tuple(rows)),
+        *notes.blocks(),
     ]
-    titles = [f"loss at {t / 1e12:.2g}T" for t in PAPER_TOKENS] + keys[2:]
-    speeds = [f"decode tokens/s, batch {b}" for b in DECODE_BATCHES]
-    out.append(
-        Block(
-            "table",
-            header=("mix", "configuration", "N", "C", *titles[:2], *speeds, *titles[2:]),
-            rows=tuple(
-                (
-                    p["mix"],
-                    p["config"],
-                    _num(p["params"]),
-                    _num(p["compute"]),
-                    *(_est(p.get(k)) for k in keys[:2]),
-                    *(_num(p[decode_key(b)]) for b in DECODE_BATCHES),
-                    *(_est(p.get(k)) for k in keys[2:]),
-                )
-                for p in study.predictions
-            ),
+
+
+PREDICTION_TEXT = (
+    f"N from arch.accounting; compute C is the configuration's training FLOPs per token at "
+    f"sequence length {PAPER_SEQ_LEN} times {PAPER_TOKENS[0] / 1e12:.2g}T tokens. Reach: "
+    "the 8B N and C over those of the mix's largest trial, how far the laws extrapolate. "
+    "N_opt, D_opt, L_opt: the compute-optimal split of C under L(N, D); IsoFLOP N_opt from "
+    "Approach 2's power law; L(C) from the frontier fit. Splitting C into N and D uses FLOPs "
+    "per token as a power law of N through the mix's trials and its 8B configuration. "
+    "Decode tokens/s: tokens generated per second over a batch of sequences, each "
+    f"{PAPER_SEQ_LEN} tokens in, as arch/decode_cost.py models fused decode kernels on an "
+    "H100 at its default, uncalibrated constants (bench/decode.py measures and calibrates)."
+)
+ESTIMATE_KEYS = ("N_opt", "D_opt", "L_opt", "isoflop N_opt", "isoflop D_opt", "frontier L(C)")
+
+
+def _reach(p: dict) -> str:
+    return f"{times(p['reach']['N'])} in N, {times(p['reach']['C'])} in C"
+
+
+def _predictions(study: StudyAnalysis) -> list[Block]:
+    notes = Footnotes()
+    losses = [loss_key(t) for t in PAPER_TOKENS]
+
+    def cell(p: dict, key: str) -> str:
+        return notes.mark(est(p.get(key)), _noted(p["mix"], p["flags"].get(key, [])))
+
+    rows = tuple(
+        (
+            p["mix"],
+            p["config"],
+            num(p["params"]),
+            num(p["compute"]),
+            _reach(p),
+            *(cell(p, k) for k in losses),
+            *(num(p[decode_key(b)]) for b in DECODE_BATCHES),
+            *(cell(p, k) for k in ESTIMATE_KEYS),
         )
+        for p in study.predictions
     )
+    header = (
+        "mix",
+        "configuration",
+        "N",
+        "C",
+        "reach",
+        *(f"loss at {t / 1e12:.2g}T" for t in PAPER_TOKENS),
+        *(f"decode tokens/s, batch {b}" for b in DECODE_BATCHES),
+        *ESTIMATE_KEYS,
+    )
+    return [
+        Block("h2", "Predictions at the paper's 8B configurations"),
+        Block("p", PREDICTION_TEXT),
+        Block("table", header=header, rows=rows),
+        *notes.blocks(),
+    ]
 
-    if study.crossovers:
-        out.append(Block("h2", "Crossovers on the compute-optimal frontier"))
-        rows = []
-        for c in study.crossovers:
-            at = _est(c["C"]) if np.isfinite(c["C"]["value"]) else "none in range"
-            rows.append(
-                (
-                    c["a"],
-                    c["b"],
-                    at,
-                    f"{c['fraction_with_crossover']:.2f}",
-                    c["better_at_end"],
-                    f"{_num(c['range'][0])} - {_num(c['range'][1])}",
-                )
-            )
-        out.append(
-            Block(
-                "table",
-                rows=tuple(rows),
-                header=(
-                    "A",
-                    "B",
-                    "first crossover C",
-                    "share of resamples crossing",
-                    "better at the end",
-                    "C range searched",
-                ),
+
+def _crossovers(study: StudyAnalysis) -> list[Block]:
+    if not study.crossovers:
+        return []
+    rows = []
+    for c in study.crossovers:
+        at = est(c["C"]) if np.isfinite(c["C"]["value"]) else "none in range"
+        rows.append(
+            (
+                c["a"],
+                c["b"],
+                at,
+                f"{c['fraction_with_crossover']:.2f}",
+                c["better_at_end"],
+                f"{num(c['range'][0])} - {num(c['range'][1])}",
             )
         )
+    header = (
+        "A",
+        "B",
+        "first crossover C",
+        "share of resamples crossing",
+        "better at the end",
+        "C range searched",
+    )
+    return [
+        Block("h2", "Crossovers on the compute-optimal frontier"),
+        Block("table", rows=tuple(rows), header=header),
+    ]
 
+
+def _ratio_curves(study: StudyAnalysis) -> list[Block]:
+    out = []
     for label, points in study.ratio_curves.items():
         if len(points) >= 2:
-            out.append(Block("h2", f"Hybrid-ratio curve at {label} (C = {_num(points[0]['C'])})"))
+            out.append(Block("h2", f"Hybrid-ratio curve at {label} (C = {num(points[0]['C'])})"))
             out.append(
                 Block(
                     "table",
                     header=("mix", "attention share", "compute-optimal loss"),
-                    rows=tuple((p["mix"], p["attention"], _est(p)) for p in points),
+                    rows=tuple((p["mix"], p["attention"], est(p)) for p in points),
                 )
             )
+    return out
 
-    out.append(Block("h2", "Fits"))
-    fitted = [(m.mix.label, m.law) for m in study.mixes if m.law is not None]
-    for title, table in (
-        ("L(N, D) = E + A / N^alpha + B / D^beta (Approach 3)", _param_table(fitted)),
-        (
-            "L(C) = E + A0 / C^alpha0 on the compute frontier",
-            _param_table([(m.mix.label, m.frontier) for m in study.mixes if m.frontier]),
-        ),
-    ):
+
+def _isoflop_table(study: StudyAnalysis, notes: Footnotes) -> list[Block]:
+    iso = [m for m in study.mixes if m.isoflop is not None]
+    if not iso:
+        return []
+    rows = []
+    for m in iso:
+        fit, flags = m.isoflop, m.flags.get("IsoFLOP", [])
+        cells = [
+            notes.mark(
+                _with_interval(law[1], fit.samples[:, column]),
+                _noted(m.mix.label, [f for f in flags if f.name == name]),
+            )
+            for name, law, column in (("a", fit.n_law, 1), ("b", fit.d_law, 3))
+        ]
+        rows.append((m.mix.label, len(fit.budgets), *cells))
+    return [
+        Block("p", "IsoFLOP (Approach 2): N_opt ~ C^a, D_opt ~ C^b"),
+        Block("table", header=("mix", "budgets", "a", "b"), rows=tuple(rows)),
+    ]
+
+
+def _fits(study: StudyAnalysis) -> list[Block]:
+    notes, out = Footnotes(), [Block("h2", "Fits")]
+    laws = (
+        ("L(N, D) = E + A / N^alpha + B / D^beta (Approach 3)", "L(N, D)", lambda m: m.law),
+        ("L(C) = E + A0 / C^alpha0 on the compute frontier", "L(C)", lambda m: m.frontier),
+    )
+    for title, source, fitted in laws:
+        fits = [
+            (m.mix.label, fitted(m), m.flags.get(source, []))
+            for m in study.mixes
+            if fitted(m) is not None
+        ]
+        table = _param_table(fits, notes)
         if table is not None:
             out.extend([Block("p", title), table])
-    iso = [m for m in study.mixes if m.isoflop is not None]
-    if iso:
-        rows = []
-        for m in iso:
-            s = m.isoflop.samples
-            rows.append(
-                (
-                    m.mix.label,
-                    len(m.isoflop.budgets),
-                    f"{_num(m.isoflop.n_law[1])} [{', '.join(map(_num, interval(s[:, 1])))}]",
-                    f"{_num(m.isoflop.d_law[1])} [{', '.join(map(_num, interval(s[:, 3])))}]",
-                )
-            )
-        out.append(Block("p", "IsoFLOP (Approach 2): N_opt ~ C^a, D_opt ~ C^b"))
-        out.append(Block("table", header=("mix", "budgets", "a", "b"), rows=tuple(rows)))
+    return out + _isoflop_table(study, notes) + notes.blocks()
 
-    out.append(Block("h2", "Figures"))
+
+def _figures(study: StudyAnalysis) -> list[Block]:
+    out = [Block("h2", "Figures")]
     for fig_name, draw in FIGURES.items():
         png = draw(study)
         if png is not None:
             out.append(Block("figure", fig_name, png=png))
-
-    out.append(Block("h2", "Trials"))
-    out.append(
-        Block(
-            "table",
-            header=("mix", "trial", "pattern", "N", "D", "C", "val_loss"),
-            rows=tuple(
-                (
-                    m.mix.label,
-                    r["trial"],
-                    r["pattern"],
-                    _num(r["params"]),
-                    _num(r["tokens"]),
-                    _num(r["flops"]),
-                    f"{r['val_loss']:.4f}",
-                )
-                for m in study.mixes
-                for r in m.rows
-            ),
-        )
-    )
     return out
+
+
+def _trials(study: StudyAnalysis) -> list[Block]:
+    header = ("mix", "trial", "pattern", "N", "D", "C", "lr", "seed", "epochs", "val_loss")
+    rows = tuple(
+        (
+            m.mix.label,
+            r["trial"],
+            r["pattern"],
+            num(r["params"]),
+            num(r["tokens"]),
+            num(r["flops"]),
+            num(r["lr"]),
+            r["seed"],
+            epochs_cell(r["epochs"]),
+            f"{r['val_loss']:.4f}",
+        )
+        for m in study.mixes
+        for r in m.trials
+    )
+    return [Block("h2", "Trials"), Block("table", header=header, rows=rows)]
+
+
+def blocks(study: StudyAnalysis, name: str, resamples: int) -> list[Block]:
+    sections = (
+        _summary(study, name, resamples),
+        envelope_section(study),
+        _comparisons(study),
+        _predictions(study),
+        backtest_section(study),
+        _crossovers(study),
+        _ratio_curves(study),
+        _fits(study),
+        data_section(study),
+        _figures(study),
+        _trials(study),
+    )
+    return [block for section in sections for block in section]
 
 
 def to_markdown(report: list[Block]) -> str:
@@ -289,7 +332,7 @@ def to_html(report: list[Block]) -> str:
 def _json(value):
     if isinstance(value, np.ndarray | np.generic):
         return value.tolist()
-    return str(value)
+    return str(value)  # a Mix, a Flag: their text
 
 
 def write(report: list[Block], study: StudyAnalysis, out_dir: Path) -> Path:
@@ -305,6 +348,9 @@ def write(report: list[Block], study: StudyAnalysis, out_dir: Path) -> Path:
         "crossovers": study.crossovers,
         "ratio_curves": study.ratio_curves,
         "notes": study.notes + [n for m in study.mixes for n in m.notes],
+        "diagnostics": {m.mix.label: m.flags for m in study.mixes},
+        "envelope": {m.mix.label: envelope_summary(m.rows) for m in study.mixes},
+        "backtest": study.backtest,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json))
     return out_dir
@@ -321,11 +367,17 @@ def parent_run(client: MlflowClient, study: str) -> str | None:
 
 
 def run(
-    client: MlflowClient, study: str, out_dir: Path, resamples: int = 200, seed: int = 0
+    client: MlflowClient,
+    study: str,
+    out_dir: Path,
+    resamples: int = 200,
+    seed: int = 0,
+    holdout: float | None = None,
 ) -> tuple[Path, str | None]:
     """Analyse the study's finished trials, write the report, log it to the parent run
-    (if the study has one). Returns the report folder and the parent run id."""
-    analysis = analyze(load_runs(client, study), resamples, seed)
+    (if the study has one). ``holdout``: the backtest's compute cutoff (None: each mix's
+    largest size). Returns the report folder and the parent run id."""
+    analysis = analyze(load_runs(client, study), resamples, seed, holdout)
     report = blocks(analysis, study, resamples)
     write(report, analysis, out_dir)
     parent = parent_run(client, study)

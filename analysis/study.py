@@ -1,11 +1,17 @@
 """A study's whole analysis: every fit per layer mix, with bootstrap intervals, and what
-they predict at the paper's scale. Where points are too few, the reason replaces the fit."""
+they predict at the paper's scale. Fits use one point per (mix, N, D), the envelope of
+the best-tuned trials; each fit and prediction carries its diagnostic flags; a backtest
+refits without the largest trials and predicts them. Where points are too few, the reason
+replaces the fit."""
 
 from dataclasses import dataclass, field
 from itertools import combinations
 
 import numpy as np
 
+from analysis.backtest import backtest
+from analysis.diagnostics import Flag, isoflop_flags, law_flags, prediction_flags
+from analysis.envelope import envelope
 from analysis.extrapolate import (
     DECODE_BATCHES,
     PAPER_TOKENS,
@@ -17,7 +23,7 @@ from analysis.extrapolate import (
     is_hybrid_axis,
     paper_target,
 )
-from analysis.fit import FitError, LawFit, bootstrap_law, check_law_points, fit_law, interval
+from analysis.fit import FitError, LawFit, fit_nd, interval
 from analysis.frontier import bootstrap_frontier, fit_frontier
 from analysis.isoflop import IsoFlopFit, bootstrap_isoflop, fit_isoflop
 from analysis.table import Mix, by_mix, columns
@@ -27,13 +33,15 @@ from arch.allocation import MAMBA2
 @dataclass
 class MixAnalysis:
     mix: Mix
-    rows: list[dict]
+    rows: list[dict]  # the envelope: one per (N, D), what the fits use
+    trials: list[dict]  # every finished trial of the mix
     target: Target
     flops_law: np.ndarray
     law: LawFit | None = None
     isoflop: IsoFlopFit | None = None
     frontier: LawFit | None = None
     notes: list[str] = field(default_factory=list)  # what could not be fitted, and why
+    flags: dict[str, list[Flag]] = field(default_factory=dict)  # per fit: "L(N, D)", ...
 
     def optimal(self, compute) -> dict[str, np.ndarray]:
         """Compute-optimal N, D, L at each compute: the full fit, shape (C,)."""
@@ -45,27 +53,29 @@ class MixAnalysis:
         return compute_optimal(self.law.samples, self.flops_law, compute)
 
 
-def analyze_mix(mix: Mix, rows: list[dict], resamples: int, seed: int = 0) -> MixAnalysis:
+def analyze_mix(mix: Mix, trials: list[dict], resamples: int, seed: int = 0) -> MixAnalysis:
+    rows = envelope(trials)
     params, tokens, fpt, flops, loss = columns(
         rows, "params", "tokens", "flops_per_token", "flops", "val_loss"
     )
     target = paper_target(mix)
-    result = MixAnalysis(mix, rows, target, flops_law(params, fpt, target))
+    result = MixAnalysis(mix, rows, trials, target, flops_law(params, fpt, target))
     try:
-        check_law_points(params, tokens)
-        law = fit_law([params, tokens], loss)
-        result.law = bootstrap_law(law, [params, tokens], loss, resamples, seed)
+        result.law = fit_nd(params, tokens, loss, resamples, seed)
+        result.flags["L(N, D)"] = law_flags(result.law, [params, tokens], loss, "L(N, D)")
     except FitError as err:
         result.notes.append(str(err))
     try:
         fit = fit_isoflop(params, tokens, flops, loss)
         result.isoflop = bootstrap_isoflop(fit, params, tokens, flops, loss, resamples, seed)
+        result.flags["IsoFLOP"] = isoflop_flags(result.isoflop)
     except FitError as err:
         result.notes.append(str(err))
     try:
         result.frontier = bootstrap_frontier(
             fit_frontier(flops, loss), flops, loss, resamples, seed
         )
+        result.flags["L(C)"] = law_flags(result.frontier, [flops], loss, "L(C)")
     except FitError as err:
         result.notes.append(str(err))
     return result
@@ -80,6 +90,7 @@ class StudyAnalysis:
     ratio_curves: dict[str, list[dict]]  # compute label -> loss against attention share
     compute_grid: np.ndarray
     notes: list[str]
+    backtest: dict  # held-out trials predicted from refits without them
 
 
 def _estimate(point: float, samples: np.ndarray) -> dict:
@@ -91,56 +102,111 @@ def decode_key(batch: int) -> str:
     return f"decode tokens/s@batch {batch}"
 
 
+def _law_estimates(m: MixAnalysis, compute: float) -> dict[str, dict]:
+    t, out = m.target, {}
+    for tokens in PAPER_TOKENS:
+        out[loss_key(tokens)] = _estimate(
+            m.law.predict(t.params, tokens), m.law.predict_samples(t.params, tokens)
+        )
+    point, samples = m.optimal([compute]), m.optimal_samples([compute])
+    for key in ("N_opt", "D_opt", "L_opt"):
+        out[key] = _estimate(point[key][0], samples[key][:, 0])
+    return out
+
+
+def _isoflop_estimates(m: MixAnalysis, compute: float) -> dict[str, dict]:
+    iso, s = m.isoflop, m.isoflop.samples
+    return {
+        "isoflop N_opt": _estimate(
+            iso.n_opt(compute), [iso.n_opt(compute, law) for law in s[:, :2]]
+        ),
+        "isoflop D_opt": _estimate(
+            iso.d_opt(compute), [iso.d_opt(compute, law) for law in s[:, 2:]]
+        ),
+    }
+
+
+def _frontier_estimates(m: MixAnalysis, compute: float) -> dict[str, dict]:
+    return {
+        "frontier L(C)": _estimate(m.frontier.predict(compute), m.frontier.predict_samples(compute))
+    }
+
+
+# Each fit's estimates at the 8B compute, by the fit's name in MixAnalysis.flags.
+ESTIMATES = (
+    ("L(N, D)", lambda m: m.law, _law_estimates),
+    ("IsoFLOP", lambda m: m.isoflop, _isoflop_estimates),
+    ("L(C)", lambda m: m.frontier, _frontier_estimates),
+)
+
+
+def loss_key(tokens: float) -> str:
+    return f"loss@{tokens:.2g}"
+
+
+def _is_loss(key: str) -> bool:
+    return key.startswith("loss@") or key in ("L_opt", "frontier L(C)")
+
+
+def estimate_flags(m: MixAnalysis, source: str, key: str, estimate: dict) -> list[Flag]:
+    """An estimate's flags: its fit's, and for a loss whether the data make it plausible."""
+    own = prediction_flags(key, estimate, columns(m.rows, "val_loss")[0]) if _is_loss(key) else []
+    return m.flags.get(source, []) + own
+
+
+def reach(m: MixAnalysis, compute: float) -> dict[str, float]:
+    """How far the 8B target lies beyond the mix's largest trial, in N and in C."""
+    params, flops = columns(m.rows, "params", "flops")
+    return {"N": m.target.params / params.max(), "C": compute / flops.max()}
+
+
 def predictions(m: MixAnalysis) -> dict:
     """The mix at its 8B configuration: losses at the paper's token counts, the
     compute-optimal split of the compute the 8B model spends on the first of them, and
-    its modelled decode speed (known from the configuration alone, fitted or not)."""
+    its modelled decode speed (known from the configuration alone, fitted or not); each
+    estimate's flags, and how far the extrapolation reaches."""
     t = m.target
-    row = {"mix": m.mix.label, "config": t.name, "params": t.params}
     compute = t.flops_per_token * PAPER_TOKENS[0]
-    row["compute"] = compute
+    row = {"mix": m.mix.label, "config": t.name, "params": t.params, "compute": compute}
+    row["reach"] = reach(m, compute)
     for batch in DECODE_BATCHES:
         row[decode_key(batch)] = decode_tokens_per_s(t.config, batch)
-    if m.law is not None:
-        for tokens in PAPER_TOKENS:
-            row[f"loss@{tokens:.2g}"] = _estimate(
-                m.law.predict(t.params, tokens), m.law.predict_samples(t.params, tokens)
-            )
-        point, samples = m.optimal([compute]), m.optimal_samples([compute])
-        for key in ("N_opt", "D_opt", "L_opt"):
-            row[key] = _estimate(point[key][0], samples[key][:, 0])
-    if m.isoflop is not None:
-        iso, s = m.isoflop, m.isoflop.samples
-        row["isoflop N_opt"] = _estimate(
-            iso.n_opt(compute), [iso.n_opt(compute, law) for law in s[:, :2]]
-        )
-        row["isoflop D_opt"] = _estimate(
-            iso.d_opt(compute), [iso.d_opt(compute, law) for law in s[:, 2:]]
-        )
-    if m.frontier is not None:
-        row["frontier L(C)"] = _estimate(
-            m.frontier.predict(compute), m.frontier.predict_samples(compute)
-        )
+    row["flags"] = {}
+    for source, fitted, estimates in ESTIMATES:
+        if fitted(m) is None:
+            continue
+        for key, estimate in estimates(m, compute).items():
+            row[key] = estimate
+            flags = estimate_flags(m, source, key, estimate)
+            if flags:
+                row["flags"][key] = flags
     return row
 
 
 def compare(a: MixAnalysis, b: MixAnalysis) -> list[dict]:
     """Loss of a minus loss of b at each paper token count, each at its own 8B size. Mixes
-    are resampled independently, so sample i of one pairs with sample i of the other."""
+    are resampled independently, so sample i of one pairs with sample i of the other.
+    ``flagged`` lists the flags of either mix's law or predicted loss."""
     out = []
     for tokens in PAPER_TOKENS:
-        diff = a.law.predict_samples(a.target.params, tokens) - b.law.predict_samples(
-            b.target.params, tokens
-        )
-        point = a.law.predict(a.target.params, tokens) - b.law.predict(b.target.params, tokens)
+        sa = a.law.predict_samples(a.target.params, tokens)
+        sb = b.law.predict_samples(b.target.params, tokens)
+        pa, pb = a.law.predict(a.target.params, tokens), b.law.predict(b.target.params, tokens)
+        diff = sa - sb
         finite = diff[np.isfinite(diff)]
+        flagged = [
+            f"{m.mix.label}, {flag}"
+            for m, point, samples in ((a, pa, sa), (b, pb, sb))
+            for flag in estimate_flags(m, "L(N, D)", loss_key(tokens), _estimate(point, samples))
+        ]
         out.append(
             {
                 "a": a.mix.label,
                 "b": b.mix.label,
                 "tokens": tokens,
-                "diff": _estimate(point, diff),
+                "diff": _estimate(pa - pb, diff),
                 "p_a_better": float(np.mean(finite < 0)),
+                "flagged": flagged,
             }
         )
     return out
@@ -187,7 +253,11 @@ def ratio_curves(fitted: list[MixAnalysis], budgets: dict[str, float]) -> dict[s
     return curves
 
 
-def analyze(rows: list[dict], resamples: int = 200, seed: int = 0) -> StudyAnalysis:
+def analyze(
+    rows: list[dict], resamples: int = 200, seed: int = 0, holdout: float | None = None
+) -> StudyAnalysis:
+    """Every fit of every mix; ``holdout``, a compute in FLOPs, picks the backtest's held-out
+    trials (those above it; None: each mix's largest model size)."""
     notes = [] if rows else ["no finished trials with a val_loss in the store"]
     # A seed of its own per mix: mixes are resampled independently of each other.
     groups = by_mix(rows).items()
@@ -214,4 +284,5 @@ def analyze(rows: list[dict], resamples: int = 200, seed: int = 0) -> StudyAnaly
         ratio_curves=ratio_curves(fitted, budgets) if len(fitted) >= 2 else {},
         compute_grid=grid,
         notes=notes,
+        backtest=backtest([(m.mix, m.rows) for m in mixes], holdout, resamples, seed),
     )

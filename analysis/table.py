@@ -1,9 +1,11 @@
 """Finished trials as a tidy table: one row per trial, grouped by layer mix.
 
-Rows come from the MLflow store, the record of truth, read from the tags the trainer
-writes on every trial run. Each row: trial, pattern,
-params N, tokens D, training FLOPs per token, compute C = flops_per_token * D, val_loss,
-and the layer mix it belongs to.
+Rows come from the MLflow store, the record of truth, read from the tags, params and
+final metrics the trainer writes on every trial run. Each row: trial, pattern, params N,
+tokens D (those actually trained), training FLOPs per token, compute C =
+flops_per_token * D, val_loss, the layer mix it belongs to; the training settings (lr,
+seed, and the other knobs as ``setting``), rotary_fraction, epochs over the training
+corpus (NaN where the trainer did not log it) and every probe_*_acc metric.
 """
 
 from dataclasses import dataclass
@@ -52,6 +54,13 @@ def mix_of(pattern: str, attention_ratio: float = 0.0, mlp_ratio: float = 0.0) -
     return Mix(ssm, round(pattern.count(ATTENTION) / n, 4), round(pattern.count(MLP) / n, 4))
 
 
+# Training params that are not hyperparameters: seed is averaged over, tokens define D,
+# the rest change how a step is computed, not what it computes.
+NOT_SETTINGS = {"seed", "lr", "tokens", "tokens_per_param", "micro_batch_size",
+                "eval_every_tokens", "compile"}  # fmt: skip
+OPTIONAL = {"lr": None, "seed": 0, "setting": (), "rotary_fraction": 0.0, "epochs": np.nan}
+
+
 def trial_row(
     trial: str,
     pattern: str,
@@ -61,8 +70,11 @@ def trial_row(
     loss: float,
     attention_ratio: float = 0.0,
     mlp_ratio: float = 0.0,
+    **extra,
 ) -> dict:
-    """One row of the tidy table; ``flops`` is the trial's whole training compute."""
+    """One row of the tidy table; ``flops`` is the trial's whole training compute.
+    ``extra`` overrides the defaults of the optional fields (lr, seed, setting,
+    rotary_fraction, epochs) and adds probe_*_acc metrics."""
     return {
         "trial": trial,
         "pattern": pattern,
@@ -72,7 +84,38 @@ def trial_row(
         "flops": float(flops),
         "val_loss": float(loss),
         "mix": mix_of(pattern, attention_ratio, mlp_ratio),
+        **OPTIONAL,
+        **extra,
     }
+
+
+def _setting(params: dict[str, str]) -> tuple:
+    """The trial's training knobs other than lr and seed, as sorted (name, value) pairs."""
+    knobs = {k.removeprefix("training."): v for k, v in params.items() if k.startswith("training.")}
+    return tuple(sorted((k, v) for k, v in knobs.items() if k not in NOT_SETTINGS))
+
+
+def _row(trial: str, run) -> dict:
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    # The tokens actually trained (whole steps), falling back to the planned count.
+    tokens = float(metrics.get("tokens", tags[f"{TAG}tokens"]))
+    lr = params.get("training.lr")
+    return trial_row(
+        trial,
+        tags[f"{TAG}pattern"],
+        float(tags[f"{TAG}params"]),
+        tokens,
+        float(tags[f"{TAG}flops_per_token"]) * tokens,
+        metrics["val_loss"],
+        float(params.get("model.attention_ratio", 0)),
+        float(params.get("model.mlp_ratio", 0)),
+        lr=None if lr is None else float(lr),
+        seed=int(params.get("training.seed", 0)),
+        setting=_setting(params),
+        rotary_fraction=float(params.get("model.rotary_fraction", 0)),
+        epochs=float(metrics.get("epochs", np.nan)),
+        **{k: v for k, v in metrics.items() if k.startswith("probe_") and k.endswith("_acc")},
+    )
 
 
 def load_runs(client: MlflowClient, experiment: str) -> list[dict]:
@@ -89,23 +132,7 @@ def load_runs(client: MlflowClient, experiment: str) -> list[dict]:
     for run in sorted(runs, key=lambda r: r.info.start_time):
         if "val_loss" in run.data.metrics and f"{TAG}trial_id" in run.data.tags:
             latest[run.data.tags[f"{TAG}trial_id"]] = run
-    rows = []
-    for trial, run in latest.items():
-        tags, params = run.data.tags, run.data.params
-        tokens = float(tags[f"{TAG}tokens"])
-        rows.append(
-            trial_row(
-                trial,
-                tags[f"{TAG}pattern"],
-                float(tags[f"{TAG}params"]),
-                tokens,
-                float(tags[f"{TAG}flops_per_token"]) * tokens,
-                run.data.metrics["val_loss"],
-                float(params.get("model.attention_ratio", 0)),
-                float(params.get("model.mlp_ratio", 0)),
-            )
-        )
-    return rows
+    return [_row(trial, run) for trial, run in latest.items()]
 
 
 def by_mix(rows: list[dict]) -> dict[Mix, list[dict]]:

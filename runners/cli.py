@@ -140,7 +140,9 @@ def analyze(args: argparse.Namespace) -> int:
         print(f"error: no runs of study {spec.name!r} in {uri}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.results) / spec.name / "analysis"
-    folder, parent = run(client, spec.name, out, resamples=args.resamples, seed=args.seed)
+    folder, parent = run(
+        client, spec.name, out, resamples=args.resamples, seed=args.seed, holdout=args.holdout
+    )
     print(f"Report: {folder / 'report.html'} and {folder / 'report.md'}")
     if parent:
         print(f"Logged to the study's parent run {parent}")
@@ -224,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resamples", type=int, default=200, help="bootstrap resamples (default 200)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--out", help="report folder (default results/<study>/analysis/)")
+    p.add_argument("--holdout", type=float, metavar="C",
+                   help="backtest: refit without trials above C FLOPs (e.g. 1e15) and predict "
+                        "them (default: hold out each mix's largest model size)")  # fmt: skip
     storage(p)
     p.set_defaults(run=analyze)
 

@@ -125,9 +125,10 @@ def preset(name: str, **changes) -> ModelConfig:
     return ModelConfig(**{**yaml.safe_load(path.read_text()), **changes})
 
 
-def markdown_table(markdown: str, first_column: str) -> list[dict]:
+def markdown_table(markdown: str, first_columns: str) -> list[dict]:
+    """The first table whose header starts with ``first_columns``, e.g. "mix | trial"."""
     lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_columns} |"))
     header = [c.strip() for c in lines[start].strip("|").split("|")]
     rows = []
     for line in lines[start + 2 :]:
@@ -154,8 +155,8 @@ def test_predictions_carry_decode_speed_at_8b(store):
         for mix, config in configs.items()
         for batch in (1, 8)
     }
-    table = {r["mix"]: r for r in markdown_table((out / "report.md").read_text(), "mix")
-             if "configuration" in r}  # fmt: skip
+    table = {r["mix"]: r for r in markdown_table((out / "report.md").read_text(),
+                                                 "mix | configuration")}  # fmt: skip
     summary = {p["mix"]: p for p in json.loads((out / "summary.json").read_text())["predictions"]}
     page = (out / "report.html").read_text()
     assert set(table) == set(configs)
@@ -164,8 +165,8 @@ def test_predictions_carry_decode_speed_at_8b(store):
         assert float(shown) == pytest.approx(speed, rel=5e-4)  # printed to 4 digits
         assert f"<td>{shown}</td>" in page
         assert summary[mix][f"decode tokens/s@batch {batch}"] == pytest.approx(speed, rel=1e-12)
-    # Beside the loss: the column right after the predicted losses.
-    assert list(table["Transformer"])[4:8] == [
+    # Beside the loss: the column right after the predicted losses (after N, C and reach).
+    assert list(table["Transformer"])[5:9] == [
         "loss at 1.1T", "loss at 3.5T", "decode tokens/s, batch 1", "decode tokens/s, batch 8"
     ]  # fmt: skip
     for mix, config in configs.items():
@@ -175,3 +176,42 @@ def test_predictions_carry_decode_speed_at_8b(store):
     # The paper's point: at batch 8, 4K context, the KV cache makes the Transformer slowest.
     assert expected["Transformer", 8] < min(v for (m, b), v in expected.items() if b == 8
                                             and m != "Transformer")  # fmt: skip
+
+
+def test_summary_carries_reach_backtest_envelope_and_diagnostics(store):
+    _, _, out = store
+    summary = json.loads((out / "summary.json").read_text())
+    p = {p["mix"]: p for p in summary["predictions"]}["Transformer"]
+    # Its largest trial: N = 1e9 at the largest budget, C = 1e20 (to int rounding).
+    assert p["reach"]["N"] == pytest.approx(p["params"] / 1e9, rel=1e-12)
+    assert p["reach"]["C"] == pytest.approx(p["compute"] / 1e20, rel=1e-6)
+    table = markdown_table((out / "report.md").read_text(), "mix | configuration")
+    assert {r["mix"]: r for r in table}["Transformer"]["reach"].startswith("x8.5 in N, x")
+    backtest = summary["backtest"]
+    assert backtest["rule"] == "each mix's largest model size held out"
+    # 1e9 parameters at each of 4 budgets, in the two mixes that can be refitted.
+    assert [t["N"] for t in backtest["trials"]] == [int(1e9)] * 8
+    assert backtest["summary"]["total"] == 8 and backtest["summary"]["max_abs_error_pct"] < 1
+    (note,) = backtest["notes"]
+    assert note.startswith("Mamba-2: cannot refit without the held-out trials")
+    assert summary["diagnostics"]["Transformer"]["L(N, D)"] == []
+    # The Mamba-2 mix's two trials of one (N, D) are one fitted point.
+    assert {k: summary["envelope"]["Mamba-2"][k] for k in ("trials", "points")} == {
+        "trials": 3,
+        "points": 2,
+    }
+
+
+def test_holdout_backtests_the_trials_above_a_compute(store, tmp_path):
+    _, _, out = store
+    results = out.parents[1]
+    argv = ["analyze", str(results.parent / "e2e.yaml"), "--results", str(results),
+            "--resamples", "5", "--holdout", "3e19", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    backtest = json.loads((tmp_path / "summary.json").read_text())["backtest"]
+    assert backtest["rule"] == "trials above 3e+19 FLOPs held out"
+    # The five sizes of the 1e20 budget in each of the two fitted mixes.
+    assert len(backtest["trials"]) == 10 and backtest["summary"]["max_abs_error_pct"] < 1
+    rows = markdown_table((tmp_path / "report.md").read_text(), "mix | trial | N | D | observed")
+    assert [r["trial"] for r in rows] == [t["trial"] for t in backtest["trials"]]
+    assert all(r["trial"].split("-")[-2] == "1e+20" for r in rows)
