@@ -5,6 +5,7 @@ report sections that show them."""
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from test_analysis import TRUE, isoflop_design, law
 
 from analysis.backtest import backtest
 from analysis.blocks import times
@@ -18,20 +19,10 @@ from analysis.study import analyze
 from analysis.table import load_runs, mix_of, trial_row
 from runners.tracking import default_tracking_uri, experiment_id
 
-TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
-
-
-def law(n, d, p=TRUE):
-    return p["E"] + p["A"] / n ** p["alpha"] + p["B"] / d ** p["beta"]
-
 
 def design():
-    """Five budgets of eight sizes (C = 6 N D), as test_analysis.py's IsoFLOP design."""
-    c = np.repeat(np.geomspace(1e18, 1e21, 5), 8)
-    n = np.tile(np.geomspace(3e7, 1e10, 8), 5)
-    d = c / (6 * n)
-    keep = d >= 1e8
-    return n[keep], d[keep], c[keep]
+    n, d, c, _ = isoflop_design(noise=0.0)
+    return n, d, c
 
 
 def rows_of(pattern, n, d, c, loss, **extra):
@@ -158,8 +149,7 @@ def texts(flags):
 
 
 def test_a_healthy_fit_is_not_flagged():
-    n, d, _ = design()
-    loss = law(n, d) * np.exp(np.random.default_rng(0).normal(0, 0.002, len(n)))
+    n, d, _, loss = isoflop_design(noise=0.002)
     fit = fit_nd(n, d, loss, resamples=20)
     assert law_flags(fit, [n, d], loss, "L(N, D)") == []
     estimate = {"value": float(fit.predict(8e9, 1.1e12)), "lo": 1.8, "hi": 1.9}
@@ -204,9 +194,8 @@ def test_a_prediction_below_half_the_smallest_loss_is_flagged():
 
 
 def test_comparisons_on_a_flagged_fit_say_so():
-    n, d, c = design()
-    rng = np.random.default_rng(0)
-    rows = rows_of("*-*-", n, d, c, law(n, d) * np.exp(rng.normal(0, 0.002, len(n))))
+    n, d, c, loss = isoflop_design(noise=0.002)
+    rows = rows_of("*-*-", n, d, c, loss)
     rows += rows_of("MMMM", n, d, c, law(n, d, {**TRUE, "E": 0.0}))
     study = analyze(rows, resamples=5)
     for comparison in study.comparisons:
@@ -225,8 +214,7 @@ def test_comparisons_on_a_flagged_fit_say_so():
 
 
 def test_backtest_predicts_the_largest_size_from_the_rest():
-    n, d, c = design()
-    loss = law(n, d) * np.exp(np.random.default_rng(0).normal(0, 0.002, len(n)))
+    n, d, c, loss = isoflop_design(noise=0.002)
     mix = mix_of("MMMM")
     result = backtest([(mix, rows_of("MMMM", n, d, c, loss))], None, resamples=20)
     assert result["rule"] == "each mix's largest model size held out"
