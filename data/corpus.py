@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import os
+import site
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# The "python" corpus adds the installed packages' sources and docs (licences and other
+# .txt files left out: the same few texts repeated in hundreds of packages).
+PACKAGE_SUFFIXES = (".py", ".pyi", ".md", ".rst")
 PIECE_BYTES = 1 << 20  # a text file is read in pieces of about this many bytes
 TABLE_ROWS = 1024  # rows per batch read from a Parquet or Arrow table
 
@@ -79,13 +83,10 @@ class Piece:
     last: bool
 
 
-def resolve_sources(paths: list[str]) -> list[Source]:
-    """Files named by paths or globs, in a stable order; none: the built-in corpus."""
+def resolve_sources(paths: list[str], corpus: str = "stdlib") -> list[Source]:
+    """Files named by paths or globs, in a stable order; none: the built-in ``corpus``."""
     if not paths:
-        # The Python standard library: tens of MB of real code and English docstrings,
-        # on every machine that runs this project.
-        files = (p for p in STDLIB.rglob("*.py") if "site-packages" not in p.parts)
-        return [Source(p, p.relative_to(STDLIB).as_posix(), "replace") for p in sorted(files)]
+        return builtin_sources(corpus)
     sources = []
     for pattern in paths:
         matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
@@ -94,6 +95,37 @@ def resolve_sources(paths: list[str]) -> list[Source]:
             raise DataError(f"{pattern}: no such file (or the glob matches no file)")
         sources.extend(Source(p, str(p)) for p in matched)
     return sources
+
+
+def builtin_sources(corpus: str) -> list[Source]:
+    """The corpora on every machine that runs this project, nothing to download.
+
+    "stdlib": the Python standard library's sources, about 30 MB of real code and English
+    docstrings. "python": those and the installed packages' sources and docs (hundreds of MB
+    beside torch), for studies whose trials would go over the standard library many times.
+    The files differ between machines; the manifest records each one's SHA-256.
+    """
+    files = [
+        (p, p.relative_to(STDLIB).as_posix())
+        for p in sorted(STDLIB.rglob("*.py"))
+        if "site-packages" not in p.parts and "dist-packages" not in p.parts
+    ]
+    if corpus == "python":
+        for root in package_roots():
+            found = (p for p in root.rglob("*") if p.suffix in PACKAGE_SUFFIXES and p.is_file())
+            files += [(p, f"packages/{p.relative_to(root).as_posix()}") for p in sorted(found)]
+    return [Source(path, name, "replace") for path, name in files]
+
+
+def package_roots() -> list[Path]:
+    """The running interpreter's package folders, each once."""
+    paths = sysconfig.get_paths()
+    found = [paths["purelib"], paths["platlib"], *site.getsitepackages()]
+    roots = []
+    for p in map(Path, found):
+        if p.is_dir() and p.resolve() not in [r.resolve() for r in roots]:
+            roots.append(p)
+    return roots
 
 
 def stable_hash(value: object) -> str:

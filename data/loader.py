@@ -26,6 +26,10 @@ class TokenWindows:
         self.starts = np.array([len(s) - seq_len for s in self.shards])  # start positions
         self.ends = np.cumsum(self.starts)
 
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.shards)
+
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """``n`` windows [n, seq_len + 1] (int64), uniform over every start of every shard."""
         index = rng.integers(0, self.ends[-1], size=n)

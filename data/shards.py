@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from data.corpus import DataError, Source, in_validation, pieces, stable_hash
 
-FORMAT = 1  # bump when the layout changes, so old shards are not misread
+FORMAT = 2  # bump when the layout changes, so old shards are not misread (2: files deduplicated)
 SHARD_TOKENS = 1 << 24
 ENCODE_CHARS = 1 << 20  # text handed to the tokenizer per call: bounded memory, fast batches
 SPLITS = ("train", "val")
@@ -194,11 +194,16 @@ def _write(sources, tokenizer, text_field, val_fraction, folder, shard_tokens, f
                 writer.documents += 1
         pending.clear()
 
+    first_of = {}  # sha256 -> the first file with that content
     with tqdm(sources, desc="tokenizing", unit="file", disable=None) as progress:
         for source in progress:
             sha256 = source.sha256()
             size = source.path.stat().st_size
             listed.append({"path": source.name, "bytes": size, "sha256": sha256})
+            if sha256 in first_of:  # a copy (vendored packages): trained once, not twice
+                listed[-1]["duplicate_of"] = first_of[sha256]
+                continue
+            first_of[sha256] = source.name
             for piece in pieces(source, text_field, sha256):
                 lowest_key = piece.key if lowest_key is None else min(lowest_key, piece.key)
                 pending.append(piece)

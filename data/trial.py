@@ -81,7 +81,7 @@ def open_data(config: DataConfig, data_dir: Path) -> TrialData:
 @functools.cache
 def _open(config_json: str, data_dir: str) -> TrialData:
     config = DataConfig.model_validate_json(config_json)
-    sources = resolve_sources(config.paths)
+    sources = resolve_sources(config.paths, config.corpus)
     tokenizer = tokenizer_for(config, sources, Path(data_dir))
     folder = prepare_shards(sources, tokenizer, config.text_field, config.val_fraction, data_dir)
     train = TokenWindows(read_split(folder, "train"), config.seq_len, "train")

@@ -40,7 +40,10 @@ ProbeName = Literal["mqar", "phonebook", "copy", "selective_copy"]  # data/probe
 class DataConfig(StrictModel):
     """Where the training text comes from and how it becomes token sequences."""
 
-    paths: list[str] = []  # files or globs; empty: the built-in standard-library corpus
+    paths: list[str] = []  # files or globs; empty: the built-in corpus below
+    # Without paths: "stdlib", the standard library's sources (about 30 MB), or "python",
+    # those and the installed packages' sources and docs (data/corpus.py builtin_sources)
+    corpus: Literal["stdlib", "python"] = "stdlib"
     text_field: str = "text"  # the JSONL field or table column holding the text
     tokenizer: str = "byte"  # "byte", "bpe", or a path to a tokenizer.json
     bpe_vocab_size: PositiveInt = 8192

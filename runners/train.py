@@ -434,9 +434,11 @@ class Trainer:
                     last_end = None
             # A trial shorter than profile_steps: the steps it had, not a profiler left on.
             self._write_profile()
-            evaluation = self.evaluate()
-            self.log.metrics(evaluation, self.step, _now_ms())
             tokens = self.step * self.tokens_per_step
+            # Times over the training split: batches draw windows uniformly, so each token
+            # was seen this often on average; analysis warns where data repeats.
+            evaluation = {**self.evaluate(), "epochs": tokens / self.data.train.tokens}
+            self.log.metrics(evaluation, self.step, _now_ms())
             final = {**evaluation, "train_loss": self.history[-1][2], "tokens": tokens}
             self.checkpoint()
             if self.chief:

@@ -5,7 +5,9 @@ import gzip
 import hashlib
 import json
 import math
+import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -345,3 +347,34 @@ def test_shards_hold_every_token_id_or_refuse_the_tokenizer(mixed_corpus, tmp_pa
     assert token_dtype(2**16) is np.uint16 and token_dtype(2**16 + 1) is np.uint32
     with pytest.raises(DataError, match="^data.tokenizer: a vocabulary of 4294967297 tokens"):
         token_dtype(2**32 + 1)
+
+
+def test_a_copied_file_is_trained_once_and_listed_as_a_copy(corpus_dir, tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in ("bisect.py", "heapq.py"):
+        shutil.copy(corpus_dir / name, folder / name)
+    shutil.copy(corpus_dir / "bisect.py", folder / "vendored_bisect.py")  # same bytes
+    sources = resolve_sources([str(folder / "*.py")])
+    manifest = read_manifest(prepare_shards(sources, ByteTokenizer(), "text", 0.01, tmp_path))
+    listed = {s["path"].rsplit("/", 1)[-1]: s for s in manifest["sources"]}
+    assert listed["vendored_bisect.py"]["duplicate_of"].endswith("/bisect.py")
+    assert "duplicate_of" not in listed["bisect.py"]
+    splits = manifest["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == 2
+    unique = [folder / "bisect.py", folder / "heapq.py"]
+    assert splits["train"]["tokens"] + splits["val"]["tokens"] == sum(
+        p.stat().st_size + 1 for p in unique
+    )
+
+
+def test_the_python_corpus_adds_installed_packages_to_the_standard_library():
+    stdlib = resolve_sources([], "stdlib")
+    python = resolve_sources([], "python")
+    assert [s.name for s in python[: len(stdlib)]] == [s.name for s in stdlib]
+    packages = {s.name for s in python[len(stdlib) :]}
+    # This project's own dependencies are installed wherever it runs.
+    assert "packages/pyarrow/__init__.py" in packages
+    assert any(name.startswith("packages/torch/") for name in packages)
+    assert {Path(name).suffix for name in packages} <= {".py", ".pyi", ".md", ".rst"}
+    assert len(packages) == len(python) - len(stdlib)  # no file listed twice

@@ -7,6 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from data import open_data
 from runners.config import TrialConfig
 from runners.train import Trainer, TrainOptions, train_trial
 
@@ -120,6 +121,10 @@ def test_mlflow_run_holds_params_metrics_artifacts(tmp_path, corpus_dir, data_ca
     assert len(log) == 13 and log[-1].split(": ", 1)[1].startswith("finished")
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "metrics.json", "loss_curve.png"} <= artifacts
+    # Epochs: the tokens trained over the training split's, as the shard manifest counts it.
+    manifest = open_data(trial.data, data_cache).folder / "manifest.json"
+    train_tokens = json.loads(manifest.read_text())["splits"]["train"]["tokens"]
+    assert run.data.metrics["epochs"] == pytest.approx(64 * 8 * 12 / train_tokens)
 
 
 def traced_steps(tmp_path, corpus_dir, data_cache, profile_steps):
