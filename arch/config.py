@@ -29,6 +29,19 @@ Ratio = Annotated[float, AfterValidator(_unit_interval)]
 Pattern = Annotated[str, AfterValidator(validate_pattern)]
 
 
+PAPER_TRANSFORMER_ROTARY = 0.5  # Waleffe et al. 2024: RoPE on half of each head's channels
+
+
+def paper_rotary_fraction(pattern: str) -> float:
+    """The paper's position encoding for a mix: RoPE only where no SSM layer is."""
+    return 0.0 if MAMBA2 in pattern or MAMBA1 in pattern else PAPER_TRANSFORMER_ROTARY
+
+
+def position_encoding(rotary_fraction: float) -> str:
+    """How a plan table or report names a model's position encoding."""
+    return f"RoPE {rotary_fraction:.0%}" if rotary_fraction else "none"
+
+
 class ModelConfig(StrictModel):
     """One hybrid LM. The layer mix is given by ratios or by an explicit pattern.
 
@@ -48,9 +61,10 @@ class ModelConfig(StrictModel):
     # attention
     n_heads: PositiveInt = 4
     n_kv_heads: PositiveInt | None = None  # None: as many as n_heads (no grouping)
-    # share of each head's channels rotated by RoPE: the paper's Transformer 0.5, its
-    # hybrid 0 (no position embedding at all)
-    rotary_fraction: Annotated[float, AfterValidator(_closed_unit_interval)] = 0.0
+    # share of each head's channels rotated by RoPE. None: as the paper trained each mix,
+    # 0.5 in a pure-attention mix (its Transformer), 0 wherever there is an SSM layer (its
+    # hybrid has no position embedding at all; the SSM layers carry position)
+    rotary_fraction: Annotated[float, AfterValidator(_closed_unit_interval)] | None = None
     # MLP
     d_ffn: PositiveInt | None = None  # None: 4 * d_model
     mlp_activation: Literal["squared_relu", "swiglu", "gelu"] = "squared_relu"
@@ -93,6 +107,8 @@ class ModelConfig(StrictModel):
         # Frozen model: fill the derived fields once, here, so they are part of the id.
         object.__setattr__(self, "pattern", pattern)
         object.__setattr__(self, "n_layers", len(pattern))
+        if self.rotary_fraction is None:
+            object.__setattr__(self, "rotary_fraction", paper_rotary_fraction(pattern))
         return self
 
     def _check_shape(self, pattern: str) -> None:

@@ -303,6 +303,20 @@ class Search(StrictModel):
         return self.pruner or ("median" if prunable else "none")
 
 
+class LrRule(StrictModel):
+    """A learning rate by model size, lr = lr_at * (N / params)^exponent for a trial of N
+    parameters, so each size of a scaling study trains near its own optimum. The defaults
+    are nanoGPT's 6e-4 for GPT-2 small (124M) and the -1/3 of OLMo's model ladder (after
+    Porian et al. 2024): 3e-3 at 1M parameters, 1.3e-3 at 10M."""
+
+    lr_at: PositiveFloat = 6e-4
+    params: Count = 124_000_000
+    exponent: float = -1 / 3
+
+    def lr_for(self, params: int) -> float:
+        return float(f"{self.lr_at * (params / self.params) ** self.exponent:.3g}")
+
+
 class StudySpec(StrictModel):
     """A whole study: a name, the base trial and the sweep around it."""
 
@@ -313,6 +327,7 @@ class StudySpec(StrictModel):
     training: dict[str, Any] = {}
     sweep: Sweep = Sweep()
     search: Search | None = None  # an Optuna search instead of a sweep
+    lr_rule: LrRule | None = None  # each trial's lr from its size (a sweep's lr overrides it)
     resources: Resources = Resources()
 
     @model_validator(mode="after")
@@ -487,6 +502,9 @@ def expand(spec: StudySpec, path: Path) -> list[TrialConfig]:
         raw = trial_dict(spec, point)
         try:
             trial = TrialConfig.model_validate(raw)
+            if spec.lr_rule and "lr" not in point:
+                raw["training"]["lr"] = spec.lr_rule.lr_for(param_counts(trial.model)["total"])
+                trial = TrialConfig.model_validate(raw)
         except ValidationError as err:
             prefix = f"sweep point ({label}): " if point else ""
             raise SpecError(_describe(path, err, prefix)) from None
@@ -537,6 +555,11 @@ def trial_dict(spec: StudySpec, point: dict[str, Any]) -> dict:
         if ratio in point:
             model.update({ratio: point[ratio]})
             model.pop("pattern", None)
+    depth, pattern = "size" in point and point["size"].n_layers, model.get("pattern")
+    if depth and isinstance(pattern, str) and pattern and depth % len(pattern) == 0:
+        # A pattern repeats to a swept size's depth: "*-" at 16 layers is "*-" x 8, the
+        # paper's Transformer, and "M" is pure Mamba-2 at any depth.
+        model["pattern"] = pattern * (depth // len(pattern))
     if "tokens" in point:
         training.update(tokens=point["tokens"], tokens_per_param=None)
     if "tokens_per_param" in point:

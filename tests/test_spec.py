@@ -4,8 +4,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from analysis.fit import check_law_points
 from arch.accounting import param_counts
 from runners.spec import Resources, SpecError, load_spec
 
@@ -81,7 +83,15 @@ def test_default_study_plans():
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["study"] == "smoke"
-    assert {t["pattern"] for t in plan["trials"]} == {"*-*-", "MMMM", "mmmm", "M*M-"}
+    assert {t["pattern"] for t in plan["trials"]} == {"*-*-", "MMMM", "M*M-"}
+    # Each mix has the sizes and budgets an L(N, D) fit needs, with its largest size to spare
+    # for the backtest.
+    for pattern in ("*-*-", "MMMM", "M*M-"):
+        rows = [t for t in plan["trials"] if t["pattern"] == pattern]
+        params, tokens = (np.array([t[k] for t in rows], float) for k in ("params", "tokens"))
+        check_law_points(params, tokens)
+        largest = params == params.max()
+        check_law_points(params[~largest], tokens[~largest])
 
 
 def test_trial_ids_stable_across_processes(tmp_path):
@@ -228,3 +238,40 @@ def test_shard_from_picks_trials_by_size(tmp_path):
         load_spec(write(tmp_path, GOOD + "resources: {shard_from: lots}\n"))
     assert "\n" not in str(err.value)
     assert "resources.shard_from: 'lots' is not a count" in str(err.value)
+
+
+def test_each_mix_gets_the_papers_position_encoding_by_default(tmp_path):
+    # Waleffe et al. 2024: the Transformer rotates half of each head's channels (RoPE); the
+    # hybrid, like the pure SSMs, has no position embedding at all.
+    spec = """
+    name: t
+    model: {preset: tiny}
+    training: {tokens: 1M}
+    sweep:
+      pattern: ["*-*-", "*-", "MMMM", "mmmm", "M*M-", "m*m-"]
+    """
+    _, trials = load_spec(write(tmp_path, spec))
+    assert [t.model.rotary_fraction for t in trials] == [0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
+    _, paper_trials = load_spec(ROOT / "studies" / "paper_8b.yaml")
+    paper = {t.model.pattern.count("*"): t.model for t in paper_trials}
+    assert paper[32].rotary_fraction == 0.5 and paper[4].rotary_fraction == 0.0
+    # A spec that says otherwise is obeyed, and it is a different trial.
+    _, (nope,) = load_spec(write(tmp_path, "name: t\nmodel: {preset: tiny, pattern: '*-*-', "
+                                 "attention_ratio: 0, mlp_ratio: 0, rotary_fraction: 0.0}\n"
+                                 "training: {tokens: 1M}\n"))  # fmt: skip
+    assert nope.model.rotary_fraction == 0.0 and nope.trial_id != trials[0].trial_id
+
+
+def test_lr_rule_sets_each_trials_lr_from_its_size(tmp_path):
+    spec = GOOD.replace("sweep:", "lr_rule: {lr_at: 3.0e-3, params: 1M, exponent: -0.5}\nsweep:")
+    _, trials = load_spec(write(tmp_path, spec))
+    for trial in trials:
+        n = param_counts(trial.model)["total"]
+        assert trial.training.lr == pytest.approx(3e-3 * (n / 1e6) ** -0.5, rel=1e-3)
+    # The default rule: nanoGPT's 6e-4 at 124M parameters, -1/3 in N.
+    _, trials = load_spec(write(tmp_path, GOOD.replace("sweep:", "lr_rule: {}\nsweep:")))
+    n = param_counts(trials[0].model)["total"]
+    assert trials[0].training.lr == pytest.approx(6e-4 * (124e6 / n) ** (1 / 3), rel=1e-3)
+    # A swept lr is the trial's lr, rule or not.
+    _, trials = load_spec(write(tmp_path, spec.replace("seed: [0, 1]", "lr: [1.0e-2]")))
+    assert {t.training.lr for t in trials} == {1e-2}
