@@ -5,25 +5,26 @@ import json
 import sys
 from pathlib import Path
 
-from arch.accounting import flops_per_token, param_counts
+from arch.accounting import param_counts
 from arch.allocation import layer_counts
+from arch.config import position_encoding
 from runners.config import TrialConfig
+from runners.cost import load_throughput, study_cost, train_flops
 from runners.spec import SpecError, load_spec, load_trial
 
 
 def _row(trial: TrialConfig) -> dict:
     model, training = trial.model, trial.training
-    params = param_counts(model)["total"]
-    flops = flops_per_token(model, trial.data.seq_len)["training"]
     return {
         "id": trial.trial_id,
         "pattern": model.pattern,
         **layer_counts(model.pattern),
         "d_model": model.d_model,
         "n_layers": model.n_layers,
-        "params": params,
+        "position": position_encoding(model.rotary_fraction),
+        "params": param_counts(model)["total"],
         "tokens": trial.tokens,
-        "train_flops": f"{flops * trial.tokens:.3g}",
+        "train_flops": f"{train_flops(trial):.3g}",
         "lr": training.lr,
         "seed": training.seed,
     }
@@ -52,6 +53,7 @@ def plan(args: argparse.Namespace) -> int:
     else:
         print(f"study {spec.name}: {len(trials)} trial(s)")
         print_table([_row(t) for t in trials])
+        print(study_cost(trials, load_throughput()).describe())
     return 0
 
 
