@@ -115,6 +115,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     return HFTokenizer(tokenizer, "the trained BPE")
 
 
+def vocabulary_size(config: DataConfig) -> int | None:
+    """The size of the config's tokenizer's vocabulary, known before any text is read (a BPE
+    is trained to bpe_vocab_size); None for a tokenizer.json that is not there yet."""
+    if config.tokenizer == "byte":
+        return ByteTokenizer.vocab_size
+    if config.tokenizer == "bpe":
+        return config.bpe_vocab_size
+    path = Path(config.tokenizer).expanduser()
+    return load_tokenizer(path).vocab_size if path.is_file() else None
+
+
 def tokenizer_for(config: DataConfig, sources: list[Source], data_dir: Path):
     """The trial's tokenizer; a BPE is trained on the corpus once and kept in data_dir."""
     if config.tokenizer == "byte":

@@ -30,6 +30,8 @@ from pydantic import (
 
 from arch.accounting import param_counts
 from arch.config import Pattern, Ratio, StrictModel
+from data.corpus import DataError
+from data.tokenizer import vocabulary_size
 from runners.config import Count, TrialConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -358,6 +360,7 @@ def load_spec(path: str | Path) -> tuple[StudySpec, list[TrialConfig]]:
         raise SpecError(_describe(path, err)) from None
     trials = expand(spec, path)
     _check_workers(spec, trials, path)
+    _check_vocabulary(trials, path)
     return spec, trials
 
 
@@ -382,20 +385,56 @@ def load_trial(path: str | Path, overrides: list[str] = ()) -> TrialConfig:
     for section in PRESET_SECTIONS:
         raw[section] = _apply_preset(path, section, raw.get(section, {}))
     try:
-        return TrialConfig.model_validate(raw)
+        trial = TrialConfig.model_validate(raw)
     except ValidationError as err:
         raise SpecError(_describe(path, err)) from None
+    _check_vocabulary([trial], path)
+    return trial
+
+
+class _RepeatedKey(yaml.MarkedYAMLError):
+    """A mapping key given twice: valid YAML syntax, so told apart from syntax errors."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML whose mappings refuse a repeated key, which PyYAML would read as the last one:
+    two ``name:`` lines in a spec are a mistake, not an override."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` is how YAML says "these keys, then mine"
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            try:
+                first = lines.get(key)
+            except TypeError:
+                continue  # an unhashable key, which the SafeLoader refuses itself
+            if first is not None:
+                raise _RepeatedKey(
+                    problem=f"key {key!r} is given twice, on lines {first} and {line}",
+                    problem_mark=key_node.start_mark,
+                )
+            lines[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def _read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file") from None
     except OSError as err:
         raise SpecError(f"{path}: cannot read: {err.strerror}") from None
     try:
-        return yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = err.object[err.start]
+        raise SpecError(f"{path}: not UTF-8 text (byte {bad:#04x} at offset {err.start})") from None
+    try:
+        return yaml.load(text, _UniqueKeyLoader)
+    except _RepeatedKey as err:
+        raise SpecError(f"{path}: line {err.problem_mark.line + 1}: {err.problem}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -526,6 +565,21 @@ def _check_workers(spec: StudySpec, trials: list[TrialConfig], path: Path) -> No
             raise SpecError(
                 f"{path}: resources.workers: trial {trial.trial_id} has batch_size "
                 f"{t.batch_size}, not a multiple of its {workers} workers{micro}"
+            )
+
+
+def _check_vocabulary(trials: list[TrialConfig], path: Path) -> None:
+    """The model embeds every token the tokenizer can give (the trainer would stop later)."""
+    for trial in trials:
+        try:
+            needed = vocabulary_size(trial.data)
+        except DataError as err:
+            raise SpecError(f"{path}: {err}") from None
+        if needed is not None and trial.model.vocab_size < needed:
+            tokenizer = {"byte": "the byte tokenizer", "bpe": "the BPE (data.bpe_vocab_size)"}
+            raise SpecError(
+                f"{path}: model.vocab_size: {trial.model.vocab_size} is smaller than the "
+                f"{needed} tokens of {tokenizer.get(trial.data.tokenizer, trial.data.tokenizer)}"
             )
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from analysis.fit import check_law_points
 from arch.accounting import param_counts
+from data.tokenizer import train_bpe
 from runners.spec import Resources, SpecError, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,22 +193,66 @@ MALFORMED = [
         GOOD.replace("seed: [0, 1]", "size: [tiny, gigantic]"),
         "sweep.size[1]: no preset 'gigantic' in configs/size/",
     ),
+    (
+        "repeated key",
+        "name: t\nmodel: {preset: tiny}\nname: u\ntraining: {tokens: 1M}\n",
+        "line 3: key 'name' is given twice, on lines 1 and 3",
+    ),
+    (
+        "repeated key in a flow mapping",
+        "name: t\nmodel: {preset: tiny}\ntraining: {tokens: 1M,\n  tokens: 2M}\n",
+        "line 4: key 'tokens' is given twice, on lines 3 and 4",
+    ),
+    (
+        "vocabulary smaller than the byte tokenizer's",
+        "name: t\nmodel: {preset: tiny, vocab_size: 100}\ntraining: {tokens: 1M}\n",
+        "model.vocab_size: 100 is smaller than the 257 tokens of the byte tokenizer",
+    ),
+    (
+        "vocabulary smaller than the BPE's",
+        "name: t\nmodel: {preset: tiny}\ndata: {tokenizer: bpe, bpe_vocab_size: 1024}\n"
+        "training: {tokens: 1M}\n",
+        "model.vocab_size: 264 is smaller than the 1024 tokens of the BPE",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case, text, expected", MALFORMED, ids=[m[0] for m in MALFORMED])
 def test_malformed_spec_one_line_exit_2(tmp_path, case, text, expected):
-    path = write(tmp_path, text)
-    before = sorted(p.name for p in tmp_path.iterdir())
+    assert_refused(write(tmp_path, text), expected)
+
+
+def test_spec_that_is_not_utf8_one_line_exit_2(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(bytes([0x00, 0x01, 0x02, 0xFF]))
+    assert_refused(path, "not UTF-8 text (byte 0xff at offset 3)")
+
+
+def assert_refused(path: Path, expected: str) -> None:
+    """plan refuses the spec in one line naming the file, exit 2, having written nothing."""
+    before = sorted(p.name for p in path.parent.iterdir())
     result = cli("plan", str(path))
-    assert result.returncode == 2, (case, result.stdout, result.stderr)
+    assert result.returncode == 2, (result.stdout, result.stderr)
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: {path}: ")
     assert expected in lines[0]
     assert "Traceback" not in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # wrote nothing
+    assert sorted(p.name for p in path.parent.iterdir()) == before  # wrote nothing
+
+
+def test_vocabulary_must_hold_a_users_tokenizer(tmp_path):
+    tokenizer = train_bpe(["a tokenizer of more than 264 tokens, from this text"] * 50, 300)
+    tokenizer.tokenizer.save(str(tmp_path / "tokenizer.json"))
+    spec = "name: t\nmodel: {preset: tiny, vocab_size: VOCAB}\ntraining: {tokens: 1M}\n"
+    spec += f"data: {{tokenizer: {tmp_path / 'tokenizer.json'}}}\n"
+    n = tokenizer.vocab_size
+    assert n > 264
+    with pytest.raises(SpecError, match=f"model.vocab_size: 264 is smaller than the {n} tokens of"):
+        load_spec(write(tmp_path, spec.replace("VOCAB", "264")))
+    _, (trial,) = load_spec(write(tmp_path, spec.replace("VOCAB", str(n))))
+    assert trial.model.vocab_size == n
 
 
 def test_missing_file(tmp_path):
