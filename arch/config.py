@@ -1,8 +1,18 @@
-"""The model's typed config: the layer mix and the shape of every layer type."""
+"""The model's typed config (the layer mix and the shape of every layer type), and the base
+and value types every config shares: the data's (data/config.py) and a trial's
+(runners/config.py) build on these, so no package below runners imports it."""
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, PositiveInt, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    PositiveInt,
+    model_validator,
+)
 
 from arch.allocation import ATTENTION, MAMBA1, MAMBA2, allocate_layers, validate_pattern
 
@@ -26,6 +36,25 @@ def _closed_unit_interval(value: float) -> float:
 
 
 Ratio = Annotated[float, AfterValidator(_unit_interval)]
+
+_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def _count(value: object) -> object:
+    """Read token counts as people write them: 2000000, 2e6, 2M, 1.1T."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?[0-9]+)?)\s*([KMBT]?)\s*", value)
+        if not match:
+            raise ValueError(f"{value!r} is not a count (write e.g. 2000000, 2e6, 2M, 1.1T)")
+        value = float(match[1]) * _SUFFIXES.get(match[2], 1)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{value} is not a whole number")
+        value = int(value)
+    return value
+
+
+Count = Annotated[PositiveInt, BeforeValidator(_count)]
 Pattern = Annotated[str, AfterValidator(validate_pattern)]
 
 

@@ -23,7 +23,7 @@ import yaml
 from arch.config import ModelConfig
 from arch.model import HybridLM
 from data import open_data
-from runners.config import DataConfig
+from data.config import DataConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBES = {"mqar": 0.05, "phonebook": 0.05, "copy": 0.025, "selective_copy": 0.025}

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from data.config import DataConfig
 from data.corpus import DataError, Source, in_validation, pieces, stable_hash
-from runners.config import DataConfig
 
 EOT_TEXT = "<|endoftext|>"
 # End-of-text spellings of common tokenizers, tried in order on a user's tokenizer.json.

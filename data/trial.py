@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.config import DataConfig
 from data.corpus import resolve_sources
 from data.evaluate import probe_accuracy, validation_metrics
 from data.loader import TokenWindows
 from data.probes import TRAIN_STREAM, example, probe_row
 from data.shards import prepare_shards, read_split
 from data.tokenizer import tokenizer_for
-from runners.config import DataConfig
 
 
 @dataclass

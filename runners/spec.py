@@ -29,10 +29,10 @@ from pydantic import (
 )
 
 from arch.accounting import param_counts
-from arch.config import Pattern, Ratio, StrictModel
+from arch.config import Count, Pattern, Ratio, StrictModel
 from data.corpus import DataError
 from data.tokenizer import vocabulary_size
-from runners.config import Count, TrialConfig
+from runners.config import TrialConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESET_SECTIONS = ("model", "data", "training")

@@ -17,12 +17,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data import DataError, open_data
+from data.config import DataConfig
 from data.corpus import resolve_sources
 from data.evaluate import bits_per_byte, validation_metrics
 from data.loader import TokenWindows
 from data.shards import prepare_shards, read_manifest, read_split, token_dtype
 from data.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_for, train_bpe
-from runners.config import DataConfig
 
 EOT = ByteTokenizer.eot
 

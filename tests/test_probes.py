@@ -11,10 +11,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from data import open_data
+from data.config import DataConfig, ProbeName
 from data.evaluate import probe_accuracy
 from data.probes import IGNORE, PROBES, example, items_that_fit, probe_row
 from data.tokenizer import ByteTokenizer, train_bpe
-from runners.config import DataConfig, ProbeName, TrialConfig
+from runners.config import TrialConfig
 from runners.train import TrainOptions, train_trial
 
 SEEDS = [(2, i) for i in range(40)]
