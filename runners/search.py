@@ -40,8 +40,9 @@ from runners.scheduler import (
     run_remote,
     start_ray,
 )
+from runners.search_schema import COST_OBJECTIVES, Search, direction
 from runners.search_space import Infeasible, candidate, decode_costs
-from runners.spec import COST_OBJECTIVES, Search, SpecError, StudySpec, direction
+from runners.spec import SpecError, StudySpec
 from runners.tracking import RunLog
 from runners.train import TrainOptions, TrialOutcome
 

@@ -17,16 +17,8 @@ from arch.allocation import ATTENTION, MAMBA1, MAMBA2, MLP
 from arch.config import ModelConfig
 from arch.decode_cost import decode_seconds_per_token
 from runners.config import TrialConfig
-from runners.spec import (
-    Budget,
-    FloatDim,
-    IntDim,
-    Search,
-    SpecError,
-    StudySpec,
-    load_spec,
-    trial_dict,
-)
+from runners.search_schema import Budget, FloatDim, IntDim, Search
+from runners.spec import SpecError, StudySpec, load_spec, trial_dict
 
 MAX_D_MODEL = 1 << 16  # no candidate is wider: a budget beyond it is a typo
 

@@ -25,6 +25,7 @@ from arch.decode_cost import decode_seconds_per_token
 from runners.config import TrialConfig
 from runners.scheduler import StudyOptions
 from runners.search import SearchOptions, open_storage, open_study, run_search, write_report
+from runners.search_schema import Budget
 from runners.search_space import (
     Infeasible,
     build_pattern,
@@ -34,7 +35,7 @@ from runners.search_space import (
     place_free,
     spread,
 )
-from runners.spec import Budget, SpecError
+from runners.spec import SpecError
 from runners.tracking import RunLog, experiment_id
 
 ROOT = Path(__file__).resolve().parent.parent
