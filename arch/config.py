@@ -4,7 +4,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, PositiveInt, model_validator
 
-from arch.allocation import ATTENTION, MAMBA1, MAMBA2, allocate_layers, validate_pattern
+from arch.allocation import ATTENTION, MAMBA2, MLP, allocate_layers, validate_pattern
+from arch.registry import layer_type, recurrent_symbols
 
 
 class StrictModel(BaseModel):
@@ -33,8 +34,9 @@ PAPER_TRANSFORMER_ROTARY = 0.5  # Waleffe et al. 2024: RoPE on half of each head
 
 
 def paper_rotary_fraction(pattern: str) -> float:
-    """The paper's position encoding for a mix: RoPE only where no SSM layer is."""
-    return 0.0 if MAMBA2 in pattern or MAMBA1 in pattern else PAPER_TRANSFORMER_ROTARY
+    """The paper's position encoding for a mix: RoPE only where no recurrent layer is."""
+    recurrent = any(symbol in pattern for symbol in recurrent_symbols())
+    return 0.0 if recurrent else PAPER_TRANSFORMER_ROTARY
 
 
 def position_encoding(rotary_fraction: float) -> str:
@@ -97,7 +99,9 @@ class ModelConfig(StrictModel):
                 )
             if ratios > 0:
                 allocated = allocate_layers(len(pattern), self.attention_ratio, self.mlp_ratio)
-                if sorted(allocated) != sorted(pattern.replace(MAMBA1, MAMBA2)):
+                # the ratios allocate Mamba-2 slots; any recurrent layer may fill them
+                as_allocated = [s if s in (ATTENTION, MLP) else MAMBA2 for s in pattern]
+                if sorted(allocated) != sorted(as_allocated):
                     raise ValueError(
                         f"pattern {pattern!r} does not have the layer counts of "
                         f"attention_ratio={self.attention_ratio:g}, "
@@ -112,24 +116,5 @@ class ModelConfig(StrictModel):
         return self
 
     def _check_shape(self, pattern: str) -> None:
-        if ATTENTION in pattern:
-            if self.d_model % self.n_heads:
-                raise ValueError(
-                    f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}"
-                )
-            if self.n_heads % (self.n_kv_heads or self.n_heads):
-                raise ValueError(
-                    f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}"
-                )
-        if MAMBA2 in pattern:
-            d_inner = self.expand * self.d_model
-            if d_inner % self.ssm_headdim:
-                raise ValueError(
-                    f"expand * d_model = {d_inner} is not divisible by ssm_headdim "
-                    f"{self.ssm_headdim}"
-                )
-            if (d_inner // self.ssm_headdim) % self.ssm_ngroups:
-                raise ValueError(
-                    f"the {d_inner // self.ssm_headdim} Mamba-2 heads do not split into "
-                    f"ssm_ngroups {self.ssm_ngroups}"
-                )
+        for symbol in sorted(set(pattern)):
+            layer_type(symbol).check(self)

@@ -24,12 +24,14 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from arch.accounting import param_counts
 from arch.config import Pattern, Ratio, StrictModel
+from arch.registry import layer_types
 from runners.config import Count, TrialConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -228,15 +230,18 @@ class Budget(StrictModel):
         return self
 
 
-class SearchSpace(StrictModel):
-    """The dimensions searched. Layer counts make a pattern: the mixers (Mamba-2, Mamba-1,
-    attention) in order, attention placed among them, MLPs spread after them."""
+# One count per registered layer type, named as the type (mamba2, attention, ...).
+_LayerCounts = create_model(
+    "_LayerCounts", __base__=StrictModel, **{t.name: (Ints | None, None) for t in layer_types()}
+)
+
+
+class SearchSpace(_LayerCounts):
+    """The dimensions searched. Layer counts make a pattern: the sequence mixers (Mamba-2,
+    attention, other recurrent layers) in order, attention placed among them, MLPs spread
+    after them."""
 
     pattern: Annotated[list[Pattern], Field(min_length=1)] | None = None  # or whole patterns
-    mamba2: Ints | None = None
-    mamba1: Ints | None = None
-    attention: Ints | None = None
-    mlp: Ints | None = None
     attention_placement: Annotated[
         list[Placement], BeforeValidator(lambda v: v if isinstance(v, list) else [v]),
         Field(min_length=1),
@@ -249,17 +254,17 @@ class SearchSpace(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "SearchSpace":
-        counts = {k: getattr(self, k) for k in ("mamba2", "mamba1", "attention", "mlp")}
+        counts = {t.name: getattr(self, t.name) for t in layer_types()}
         if self.pattern:
             given = [k for k, v in counts.items() if v is not None]
             if given:
                 raise ValueError(f"give pattern choices or layer counts ({given[0]}), not both")
             return self
-        mixers = sum(counts[k].lowest for k in ("mamba2", "mamba1", "attention") if counts[k])
-        if mixers < 1:
+        mixers = [t.name for t in layer_types() if t.mixes_sequence]
+        if sum(counts[k].lowest for k in mixers if counts[k]) < 1:
             raise ValueError(
-                "a candidate could have no Mamba or attention layer: give mamba2, mamba1 or "
-                "attention a lowest count of at least 1"
+                "a candidate could have no Mamba or attention layer: give "
+                f"{', '.join(mixers[:-1])} or {mixers[-1]} a lowest count of at least 1"
             )
         return self
 
