@@ -25,8 +25,9 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
     """Parameters by layer type (block norms counted with their layer), and the total."""
     counts = {"embedding": c.vocab_size * c.d_model}
     counts["lm_head"] = 0 if c.tie_embeddings else c.vocab_size * c.d_model
-    for t in layer_types():
-        counts[t.name] = c.pattern.count(t.symbol) * layer_params(t.symbol, c)
+    for t in layer_types():  # a type the pattern lacks need not fit the config's shape
+        n = c.pattern.count(t.symbol)
+        counts[t.name] = n * layer_params(t.symbol, c) if n else 0
     counts["final_norm"] = c.d_model
     counts["total"] = sum(counts.values())
     return counts
