@@ -1,8 +1,8 @@
 """The model's typed config: the layer mix and the shape of every layer type."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, PositiveInt, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from arch.allocation import ATTENTION, MAMBA2, MLP, allocate_layers, validate_pattern
 from arch.registry import layer_type, recurrent_symbols
@@ -24,6 +24,12 @@ def _closed_unit_interval(value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{value} is not in [0, 1]")
     return value
+
+
+def _omitted_at_default(default: object) -> Any:
+    """A field left out of the dump, and so of the trial id, at its default: a field added
+    for a new layer type keeps the ids of every trial from before it."""
+    return Field(default, exclude_if=lambda value: value == default)
 
 
 Ratio = Annotated[float, AfterValidator(_unit_interval)]
@@ -81,6 +87,11 @@ class ModelConfig(StrictModel):
     # Mamba-2's scan, conv and gated norm: "auto" runs the Triton kernels (arch/kernels) on
     # CUDA and the PyTorch reference elsewhere
     ssd_impl: Literal["auto", "triton", "torch"] = "auto"
+    # Gated DeltaNet: d_model // gdn_head_dim heads, each of gdn_head_dim query and key
+    # channels and expand * gdn_head_dim value channels. gdn_impl "fla" runs fla-core's
+    # chunked kernels (the optional extra "fla"; CUDA only), "torch" the reference
+    gdn_head_dim: PositiveInt = _omitted_at_default(64)
+    gdn_impl: Literal["torch", "fla"] = _omitted_at_default("torch")
 
     @model_validator(mode="after")
     def _resolve_pattern(self) -> "ModelConfig":
