@@ -17,7 +17,7 @@ import yaml
 from analysis.fit import log_predict
 from analysis.table import Mix, mix_of
 from arch.accounting import flops_per_token, param_counts
-from arch.allocation import MAMBA1, MAMBA2
+from arch.allocation import MAMBA2
 from arch.config import ModelConfig
 from arch.decode_cost import H100, Calibration, decode_seconds_per_token
 
@@ -52,8 +52,8 @@ def paper_target(mix: Mix) -> Target:
     raw = _load("hybrid_8b")
     raw.update(attention_ratio=mix.attention, mlp_ratio=mix.mlp)
     config = ModelConfig(**raw)
-    if mix.ssm == MAMBA1:  # our Mamba-1 hybrids: the same allocation with Mamba-1 layers
-        raw.update(pattern=config.pattern.replace(MAMBA2, MAMBA1))
+    if mix.ssm not in ("", MAMBA2):  # our other hybrids: the same allocation, their layers
+        raw.update(pattern=config.pattern.replace(MAMBA2, mix.ssm))
         config = ModelConfig(**raw)
     return _target("hybrid_8b shape at this mix", config)
 
@@ -120,4 +120,4 @@ def first_crossover(c: np.ndarray, loss_a: np.ndarray, loss_b: np.ndarray) -> fl
 
 def is_hybrid_axis(mix: Mix) -> bool:
     """Mixes on a hybrid-ratio curve: an SSM with or without attention (not Transformers)."""
-    return mix.ssm in (MAMBA2, MAMBA1)
+    return mix.ssm != ""

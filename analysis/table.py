@@ -13,25 +13,26 @@ from dataclasses import dataclass
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from arch.allocation import ATTENTION, MAMBA1, MAMBA2, MLP
+from arch.allocation import ATTENTION, MLP
+from arch.registry import layer_type, recurrent_symbols
 
 TAG = "hybridscale."
 
 
 @dataclass(frozen=True, order=True)
 class Mix:
-    """A layer mix: which SSM layer (if any) and the shares of attention and MLP layers.
-    Models of one mix at different widths and depths form one scaling curve."""
+    """A layer mix: which recurrent layer (if any) and the shares of attention and MLP
+    layers. Models of one mix at different widths and depths form one scaling curve."""
 
-    ssm: str  # "M", "m" or "" (none)
+    ssm: str  # the recurrent layer's symbol ("M", "m", ...) or "" (none)
     attention: float
     mlp: float
 
     @property
     def family(self) -> str:
-        ssm = {MAMBA2: "Mamba-2", MAMBA1: "Mamba", "": ""}[self.ssm]
-        if not ssm:
+        if not self.ssm:
             return "Transformer"
+        ssm = layer_type(self.ssm).label
         return f"{ssm}-Hybrid" if self.attention else ssm
 
     @property
@@ -47,7 +48,7 @@ class Mix:
 def mix_of(pattern: str, attention_ratio: float = 0.0, mlp_ratio: float = 0.0) -> Mix:
     """The mix of a pattern; a pattern allocated from ratios is labelled by its ratios, so
     one hybrid at every depth (whose rounded layer counts differ a little) is one mix."""
-    ssm = MAMBA2 if MAMBA2 in pattern else MAMBA1 if MAMBA1 in pattern else ""
+    ssm = next((symbol for symbol in recurrent_symbols() if symbol in pattern), "")
     if attention_ratio or mlp_ratio:
         return Mix(ssm, round(attention_ratio, 4), round(mlp_ratio, 4))
     n = len(pattern)

@@ -1,8 +1,8 @@
 """Where each layer type goes in a hybrid stack.
 
 Symbols follow Megatron-LM's hybrid models: ``M`` Mamba-2, ``*`` attention,
-``-`` MLP. ``m`` (Mamba-1) is our extension so pure Mamba-1 baselines fit the
-same scheme; ratio-based allocation never produces it.
+``-`` MLP. Other layer types (arch/registry.py: ``m`` Mamba-1, ...) are our extensions;
+ratio-based allocation never produces them.
 
 ``allocate_layers`` places layers exactly where Megatron-LM's
 ``mamba_hybrid_layer_allocation`` does, so a pattern named by ratios here is
@@ -11,9 +11,9 @@ the pattern the paper trained.
 
 from collections import Counter
 
-MAMBA2, MAMBA1, ATTENTION, MLP = "M", "m", "*", "-"
-SYMBOLS = (MAMBA2, MAMBA1, ATTENTION, MLP)
-SYMBOL_NAMES = {MAMBA2: "mamba2", MAMBA1: "mamba1", ATTENTION: "attention", MLP: "mlp"}
+from arch.registry import layer_types
+
+MAMBA2, ATTENTION, MLP = "M", "*", "-"
 
 
 def allocate_layers(n_layers: int, attention_ratio: float, mlp_ratio: float) -> str:
@@ -64,11 +64,12 @@ def validate_pattern(pattern: str) -> str:
     """Return ``pattern`` if every symbol is a known layer type, else raise ValueError."""
     if not pattern:
         raise ValueError("pattern is empty")
-    bad = sorted(set(pattern) - set(SYMBOLS))
+    known = {t.symbol: t.label for t in layer_types()}
+    bad = sorted(set(pattern) - set(known))
     if bad:
+        use = ", ".join(f"{symbol} ({label})" for symbol, label in known.items())
         raise ValueError(
-            f"pattern {pattern!r} has unknown symbol(s) {' '.join(map(repr, bad))}; "
-            f"use M (Mamba-2), m (Mamba-1), * (attention), - (MLP)"
+            f"pattern {pattern!r} has unknown symbol(s) {' '.join(map(repr, bad))}; use {use}"
         )
     return pattern
 
@@ -76,4 +77,4 @@ def validate_pattern(pattern: str) -> str:
 def layer_counts(pattern: str) -> dict[str, int]:
     """Number of layers of each type, keyed by readable name."""
     counts = Counter(pattern)
-    return {name: counts[symbol] for symbol, name in SYMBOL_NAMES.items()}
+    return {t.name: counts[t.symbol] for t in layer_types()}

@@ -7,10 +7,10 @@ in each sequence's cache. Two counts of its work:
 * ``decode_traffic`` / ``decode_flops``, in closed form, the work the architecture itself
   needs, as fused decode kernels do it (flash-decoding, mamba_ssm's state update): every
   weight matrix read once (the LM head included, of the embedding only the batch's rows);
-  per attention layer the K and V cache, 2 B kv_heads head_dim T values, read; per Mamba
-  layer the SSM state (fp32) and the conv state read and written once. FLOPs: 2 B per
-  matrix parameter, 4 B heads head_dim T per attention layer, 6 B E N per Mamba-2 layer
-  (decay, input and output of the state), 9 B E N per Mamba-1 layer, 2 B K per conv channel.
+  and what each layer type declares (arch/layers/): an attention layer's K and V cache,
+  2 B kv_heads head_dim T values, read; a recurrent layer's state (fp32) and conv state
+  read and written once. FLOPs: 2 B per matrix parameter, plus each layer's own (4 B heads
+  head_dim T per attention layer, 6 B E N per Mamba-2 layer, 2 B K per conv channel, ...).
 * ``trace_decode_step``: the work this repository's PyTorch decode step does, op by op,
   from running it on the meta device (no memory, any size): each op's tensor inputs and
   outputs, less what the L2 cache holds, and a matmul's 2mnk FLOPs. Unfused, it moves
@@ -28,13 +28,14 @@ when grouped-query heads fold several query rows into one product
 (``_batched_matmul_blocks``).
 ``calibrate`` fits these five constants to measured steps of the reference implementation;
 ``decode_step_seconds`` then predicts either implementation, the fused one with the
-launches ``FUSED_LAUNCHES`` assumes and without a block limit (flash-decoding splits the
+launches each layer type declares and without a block limit (flash-decoding splits the
 keys over blocks).
 """
 
 import functools
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,17 +43,17 @@ import torch
 from scipy.optimize import least_squares
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from arch.accounting import _kv_dim, _layer_matrix_params, param_counts
-from arch.allocation import ATTENTION, MAMBA1, MAMBA2, MLP
+from arch.accounting import matrix_params, param_counts
 from arch.config import ModelConfig
 from arch.model import HybridLM
+from arch.registry import LayerType, layer_type
 
 SSM_STATE_BYTES = 4  # the recurrent states are kept in fp32
 
-# Kernels per layer of a fused decode step: norm, projections, one kernel per fused
-# sequence op (conv update, state update, flash-decoding), activation; plus the model's
-# embedding, final norm, LM head and sampling.
-FUSED_LAUNCHES = {MAMBA2: 6, MAMBA1: 7, ATTENTION: 6, MLP: 4, "model": 4}
+# Kernels of a fused decode step beyond its layers' own (each layer type declares its
+# norm, projections, one kernel per fused sequence op and activation): the embedding, the
+# final norm, the LM head and sampling.
+MODEL_LAUNCHES = 4
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,9 @@ class Calibration:
         return np.array([self.matmul_bandwidth, self.other_bandwidth])
 
 
-def _head_dim(c: ModelConfig) -> int:
-    return c.d_model // c.n_heads
+def _per_layer(c: ModelConfig, declared: Callable[[LayerType], int]) -> int:
+    """What each layer's type declares, summed over the layers."""
+    return sum(declared(layer_type(symbol)) for symbol in c.pattern)
 
 
 def decode_traffic(
@@ -99,30 +101,25 @@ def decode_traffic(
     """Bytes one fused decode step must move, by what they hold (see the module doc)."""
     counts = param_counts(c)
     embedding_table = counts["embedding"] + counts["lm_head"] - c.vocab_size * c.d_model
-    E, K = c.expand * c.d_model, c.d_conv
-    n = {symbol: c.pattern.count(symbol) for symbol in (ATTENTION, MAMBA2, MAMBA1)}
-    conv_channels = n[MAMBA2] * (E + 2 * c.ssm_ngroups * c.d_state) + n[MAMBA1] * E
     return {
         # the embedding lookup reads the batch's rows; the LM head matrix is read whole
         "weights": dtype_bytes * (counts["total"] - embedding_table + batch * c.d_model),
-        "kv_cache": dtype_bytes * n[ATTENTION] * 2 * batch * _kv_dim(c) * context,
-        "ssm_state": 2 * SSM_STATE_BYTES * batch * E
-        * (n[MAMBA2] * c.d_state + n[MAMBA1] * c.mamba1_d_state),
-        "conv_state": 2 * dtype_bytes * batch * conv_channels * K,
-    }  # fmt: skip
+        "kv_cache": dtype_bytes * batch * _per_layer(c, lambda t: t.kv_cache_values(c, context)),
+        "ssm_state": 2 * SSM_STATE_BYTES * batch * _per_layer(c, lambda t: t.state_values(c)),
+        "conv_state": 2 * dtype_bytes * batch * _per_layer(c, lambda t: t.conv_values(c)),
+    }
 
 
 def decode_flops(c: ModelConfig, batch: int, context: int) -> float:
     """FLOPs of one decode step (see the module doc)."""
-    E = c.expand * c.d_model
-    matrices = c.vocab_size * c.d_model + sum(_layer_matrix_params(s, c) for s in c.pattern)
-    per_layer = {
-        ATTENTION: 4 * c.n_heads * _head_dim(c) * context,
-        MAMBA2: 6 * E * c.d_state + 2 * c.d_conv * (E + 2 * c.ssm_ngroups * c.d_state),
-        MAMBA1: 9 * E * c.mamba1_d_state + 2 * c.d_conv * E,
-        MLP: 0,
-    }
-    return batch * (2 * matrices + sum(per_layer[s] for s in c.pattern))
+    return batch * (2 * matrix_params(c) + _per_layer(c, lambda t: t.decode_flops(c, context)))
+
+
+def kv_cache_flops(c: ModelConfig, batch: int, context: int) -> float:
+    """The part of ``decode_flops`` that streams a KV cache, as attention's does."""
+    return batch * _per_layer(
+        c, lambda t: t.decode_flops(c, context) if t.kv_cache_values(c, context) else 0
+    )
 
 
 @dataclass(frozen=True)
@@ -275,17 +272,17 @@ def decode_step_seconds(
 ) -> float:  # fmt: skip
     """Predicted seconds of one decode step (``batch`` new tokens) after ``context`` tokens.
 
-    implementation "fused": the closed-form traffic with ``FUSED_LAUNCHES`` (an optimised
-    serving stack); "reference": this repository's PyTorch step, op by op.
+    implementation "fused": the closed-form traffic and each layer's declared launches (an
+    optimised serving stack); "reference": this repository's PyTorch step, op by op.
     """
     if implementation == "reference":
         ops = trace_decode_step(c, batch, context)
         return _roofline(*_columns(ops), len(ops), calibration, hardware)
     if implementation != "fused":
         raise ValueError(f"implementation {implementation!r} is not 'fused' or 'reference'")
-    launches = FUSED_LAUNCHES["model"] + sum(FUSED_LAUNCHES[s] for s in c.pattern)
+    launches = MODEL_LAUNCHES + sum(layer_type(s).fused_launches for s in c.pattern)
     t = decode_traffic(c, batch, context)
-    attention_flops = c.pattern.count(ATTENTION) * 4 * batch * c.d_model * context
+    attention_flops = kv_cache_flops(c, batch, context)
     return _roofline(
         np.array([KINDS.index("matmul")] * 2 + [KINDS.index("other")]),
         [t["weights"], t["kv_cache"], t["ssm_state"] + t["conv_state"]],

@@ -5,34 +5,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from arch.allocation import ATTENTION, MAMBA1, MAMBA2, MLP
 from arch.config import ModelConfig
-from arch.layers import MLP as MLPLayer
-from arch.layers import Attention, RMSNorm
-from arch.mamba1 import Mamba
-from arch.mamba2 import Mamba2
-
-
-def d_ffn(config: ModelConfig) -> int:
-    return config.d_ffn or 4 * config.d_model
-
-
-def build_mixer(symbol: str, config: ModelConfig) -> nn.Module:
-    """The layer a pattern symbol stands for, shaped by the config."""
-    c = config
-    if symbol == MAMBA2:
-        return Mamba2(
-            c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand,
-            headdim=c.ssm_headdim, ngroups=c.ssm_ngroups, chunk_size=c.chunk_size,
-            ssd_impl=c.ssd_impl,
-        )  # fmt: skip
-    if symbol == MAMBA1:
-        return Mamba(c.d_model, d_state=c.mamba1_d_state, d_conv=c.d_conv, expand=c.expand)
-    if symbol == ATTENTION:
-        return Attention(c.d_model, c.n_heads, c.n_kv_heads, c.rotary_fraction)
-    if symbol == MLP:
-        return MLPLayer(c.d_model, d_ffn(c), c.mlp_activation)
-    raise ValueError(f"unknown layer symbol {symbol!r}")
+from arch.layers.common import RMSNorm
+from arch.registry import layer_type
 
 
 class Block(nn.Module):
@@ -42,7 +17,7 @@ class Block(nn.Module):
         super().__init__()
         self.symbol = symbol
         self.norm = RMSNorm(config.d_model)
-        self.mixer = build_mixer(symbol, config)
+        self.mixer = layer_type(symbol).build(config)
 
     def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
         return x + self.mixer(self.norm(x), cache=cache)
@@ -81,7 +56,7 @@ class HybridLM(nn.Module):
     def allocate_caches(
         self, batch: int, max_len: int, dtype: torch.dtype | None = None
     ) -> list[dict]:
-        """Static decode state for up to ``max_len`` tokens (see arch/layers.py): fixed
+        """Static decode state for up to ``max_len`` tokens (see arch/layers/common.py): fixed
         shapes, updated in place, so a decode step can be captured in a CUDA graph. The
         first call on them is the prompt; every later call adds one token."""
         weight = self.embedding.weight

@@ -11,10 +11,12 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    create_model,
     model_validator,
 )
 
 from arch.config import Count, Pattern, Ratio, StrictModel
+from arch.registry import layer_types
 
 
 def _as_choices(value: Any) -> Any:
@@ -97,15 +99,18 @@ class Budget(StrictModel):
         return self
 
 
-class SearchSpace(StrictModel):
-    """The dimensions searched. Layer counts make a pattern: the mixers (Mamba-2, Mamba-1,
-    attention) in order, attention placed among them, MLPs spread after them."""
+# One count per registered layer type, named as the type (mamba2, attention, ...).
+_LayerCounts = create_model(
+    "_LayerCounts", __base__=StrictModel, **{t.name: (Ints | None, None) for t in layer_types()}
+)
+
+
+class SearchSpace(_LayerCounts):
+    """The dimensions searched. Layer counts make a pattern: the sequence mixers (Mamba-2,
+    attention, other recurrent layers) in order, attention placed among them, MLPs spread
+    after them."""
 
     pattern: Annotated[list[Pattern], Field(min_length=1)] | None = None  # or whole patterns
-    mamba2: Ints | None = None
-    mamba1: Ints | None = None
-    attention: Ints | None = None
-    mlp: Ints | None = None
     attention_placement: Annotated[
         list[Placement], BeforeValidator(lambda v: v if isinstance(v, list) else [v]),
         Field(min_length=1),
@@ -118,17 +123,17 @@ class SearchSpace(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "SearchSpace":
-        counts = {k: getattr(self, k) for k in ("mamba2", "mamba1", "attention", "mlp")}
+        counts = {t.name: getattr(self, t.name) for t in layer_types()}
         if self.pattern:
             given = [k for k, v in counts.items() if v is not None]
             if given:
                 raise ValueError(f"give pattern choices or layer counts ({given[0]}), not both")
             return self
-        mixers = sum(counts[k].lowest for k in ("mamba2", "mamba1", "attention") if counts[k])
-        if mixers < 1:
+        mixers = [t.name for t in layer_types() if t.mixes_sequence]
+        if sum(counts[k].lowest for k in mixers if counts[k]) < 1:
             raise ValueError(
-                "a candidate could have no Mamba or attention layer: give mamba2, mamba1 or "
-                "attention a lowest count of at least 1"
+                "a candidate could have no Mamba or attention layer: give "
+                f"{', '.join(mixers[:-1])} or {mixers[-1]} a lowest count of at least 1"
             )
         return self
 

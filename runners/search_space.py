@@ -13,9 +13,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from arch.accounting import flops_per_token, param_counts
-from arch.allocation import ATTENTION, MAMBA1, MAMBA2, MLP
+from arch.allocation import ATTENTION, MAMBA2, MLP
 from arch.config import ModelConfig
 from arch.decode_cost import decode_seconds_per_token
+from arch.registry import layer_type, layer_types
 from runners.config import TrialConfig
 from runners.search_schema import Budget, FloatDim, IntDim, Search
 from runners.spec import SpecError, StudySpec, load_spec, trial_dict
@@ -51,16 +52,18 @@ def place_free(slots: int, depths: list[float]) -> list[int]:
 
 
 def build_pattern(
-    mamba2: int, mamba1: int, attention: int, mlp: int,
-    attention_slots: list[int] | None = None, skip: int = 0,
-) -> str:  # fmt: skip
-    """The layer pattern: mixers (Mamba and attention) in order, attention at
-    ``attention_slots`` among them (default: spread evenly past the first ``skip``),
-    Mamba-1 spread among the Mamba slots, then MLPs after the mixers, spread evenly and
+    counts: dict[str, int], attention_slots: list[int] | None = None, skip: int = 0
+) -> str:
+    """The layer pattern of ``counts`` layers of each type (by name; a type left out has
+    none): the sequence mixers in order, attention at ``attention_slots`` among them
+    (default: spread evenly past the first ``skip``), every other recurrent type spread in
+    turn among the slots Mamba-2 still holds, then MLPs after the mixers, spread evenly and
     leaning right (one MLP per mixer when the counts match: ``*-*-``)."""
-    mixers = mamba2 + mamba1 + attention
+    count = {t.symbol: counts.get(t.name, 0) for t in layer_types()}
+    mixers = sum(n for symbol, n in count.items() if layer_type(symbol).mixes_sequence)
     if mixers < 1:
-        raise Infeasible("no Mamba or attention layer")
+        raise Infeasible("no sequence-mixing layer (Mamba or attention)")
+    attention = count[ATTENTION]
     if attention > mixers - skip:
         raise Infeasible(
             f"{attention} attention layers do not fit in {mixers - skip} mixer slots "
@@ -71,9 +74,12 @@ def build_pattern(
     layers = [MAMBA2] * mixers
     for slot in attention_slots:
         layers[slot] = ATTENTION
-    mamba_slots = [i for i, symbol in enumerate(layers) if symbol == MAMBA2]
-    for i in spread(len(mamba_slots), mamba1):
-        layers[mamba_slots[i]] = MAMBA1
+    for t in layer_types():
+        if t.recurrent and t.symbol != MAMBA2:
+            mamba2_slots = [i for i, symbol in enumerate(layers) if symbol == MAMBA2]
+            for i in spread(len(mamba2_slots), count[t.symbol]):
+                layers[mamba2_slots[i]] = t.symbol
+    mlp = count[MLP]
     after = [0] * mixers  # MLPs after each mixer
     for j in range(mlp):  # MLP j follows mixer ceil((j + 1) * mixers / mlp) - 1
         after[-(-(j + 1) * mixers // mlp) - 1] += 1
@@ -91,17 +97,13 @@ def budget_measure(trial: TrialConfig, budget: Budget) -> int:
 
 
 def _width_step(raw_model: dict, budget: Budget) -> int:
-    """The finest d_model step every layer accepts: attention heads divide it, and the
-    Mamba-2 inner width splits into whole heads and groups."""
+    """The finest d_model step every layer of the pattern accepts (attention heads divide
+    it, the Mamba-2 inner width splits into whole heads and groups, ...)."""
     defaults = ModelConfig.model_fields
     get = lambda key: raw_model.get(key) or defaults[key].default  # noqa: E731
     step = budget.multiple_of
-    pattern = raw_model["pattern"]
-    if ATTENTION in pattern:
-        step = math.lcm(step, get("n_heads"))
-    if MAMBA2 in pattern:
-        heads_and_groups = get("ssm_headdim") * get("ssm_ngroups")
-        step = math.lcm(step, heads_and_groups // math.gcd(heads_and_groups, get("expand")))
+    for symbol in sorted(set(raw_model["pattern"])):
+        step = math.lcm(step, layer_type(symbol).width_multiple(get))
     return step
 
 
@@ -143,18 +145,13 @@ def match_width(raw: dict, budget: Budget, ffn_ratio: float | None) -> TrialConf
 
 def decode_bytes(model: ModelConfig, context: int, bytes_per_value: int = 2) -> int:
     """Bytes read from memory to decode one token at ``context`` tokens of history: every
-    weight once, each attention layer's KV cache, each Mamba layer's recurrent and
-    convolution state. At small batch, decoding is memory-bound, so this proxies its
-    latency; ``decode_ms`` models the latency itself."""
-    d, E = model.d_model, model.expand * model.d_model
-    kv_width = (model.n_kv_heads or model.n_heads) * (d // model.n_heads)
-    per_layer = {
-        ATTENTION: 2 * kv_width * context,
-        MAMBA2: E * model.d_state + (E + 2 * model.ssm_ngroups * model.d_state) * model.d_conv,
-        MAMBA1: E * model.mamba1_d_state + E * model.d_conv,
-        MLP: 0,
-    }
-    state = sum(per_layer[symbol] for symbol in model.pattern)
+    weight once, each attention layer's KV cache, each recurrent layer's state and
+    convolution state, all at ``bytes_per_value``. At small batch, decoding is
+    memory-bound, so this proxies its latency; ``decode_ms`` models the latency itself."""
+    state = 0
+    for symbol in model.pattern:
+        t = layer_type(symbol)
+        state += t.kv_cache_values(model, context) + t.state_values(model) + t.conv_values(model)
     return bytes_per_value * (param_counts(model)["total"] + state)
 
 
@@ -197,22 +194,19 @@ def _pattern(trial: Any, spec: StudySpec) -> str:
             if len(space.pattern) == 1
             else trial.suggest_categorical("pattern", space.pattern)
         )
-    counts = {
-        kind: _suggest(trial, kind, getattr(space, kind)) or 0
-        for kind in ("mamba2", "mamba1", "attention", "mlp")
-    }
+    counts = {t.name: _suggest(trial, t.name, getattr(space, t.name)) or 0 for t in layer_types()}
     placement = space.attention_placement[0]
     if len(space.attention_placement) > 1 and counts["attention"]:
         placement = trial.suggest_categorical("attention_placement", space.attention_placement)
     slots = None
-    mixers = counts["mamba2"] + counts["mamba1"] + counts["attention"]
+    mixers = sum(counts[t.name] for t in layer_types() if t.mixes_sequence)
     skip = space.no_attention_in_first
     fits = 0 < counts["attention"] <= mixers - skip  # else build_pattern says why not
     if placement == "free" and fits:
         depths = [trial.suggest_float(f"attention_{i}_depth", 0.0, 1.0)
                   for i in range(counts["attention"])]  # fmt: skip
         slots = [skip + s for s in place_free(mixers - skip, depths)]
-    return build_pattern(**counts, attention_slots=slots, skip=skip)
+    return build_pattern(counts, attention_slots=slots, skip=skip)
 
 
 def candidate(spec: StudySpec, trial: Any) -> TrialConfig:

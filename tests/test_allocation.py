@@ -10,7 +10,8 @@ PAPER_8B_HYBRID = "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-"
 def test_paper_8b_hybrid():
     pattern = allocate_layers(56, 0.08, 0.5)
     assert pattern == PAPER_8B_HYBRID
-    assert layer_counts(pattern) == {"mamba2": 24, "mamba1": 0, "attention": 4, "mlp": 28}
+    present = {name: n for name, n in layer_counts(pattern).items() if n}
+    assert present == {"mamba2": 24, "attention": 4, "mlp": 28}
 
 
 # Worked by hand from Megatron-LM's rule: round(n * ratio) layers of a type; a budget

@@ -1,4 +1,4 @@
-"""The Triton kernels of arch/kernels against the PyTorch reference (arch.ssd, arch.mamba2).
+"""The Triton kernels of arch/kernels against the PyTorch reference (arch.ssd, arch.layers.mamba2).
 
 Without CUDA they run under Triton's interpreter (TRITON_INTERPRET=1, which must be set
 before the kernels are defined, hence before arch.kernels is imported) at tiny shapes.
@@ -38,7 +38,7 @@ from arch.kernels.conv import causal_conv1d_silu, conv_silu_backward  # noqa: E4
 from arch.kernels.norm import rmsnorm_gated  # noqa: E402
 from arch.kernels.ssd_triton import ssd_chunked_triton  # noqa: E402
 from arch.kernels.state_update import ssd_step_triton  # noqa: E402
-from arch.mamba2 import Mamba2, RMSNormGated  # noqa: E402
+from arch.layers.mamba2 import Mamba2, RMSNormGated  # noqa: E402
 from arch.ssd import ssd_chunked, ssd_step  # noqa: E402
 
 # Kept in fp32 when the activations are bf16, as Mamba2's parameters and cache are.

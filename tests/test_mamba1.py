@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from arch.mamba1 import Mamba, selective_scan, selective_step
+from arch.layers.mamba1 import Mamba, selective_scan, selective_step
 
 
 def naive_scan(

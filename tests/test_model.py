@@ -5,7 +5,8 @@ import torch
 
 from arch.accounting import flops_per_token, param_counts
 from arch.config import ModelConfig
-from arch.layers import MLP, Attention, apply_rotary, rotary_tables
+from arch.layers.attention import Attention, apply_rotary, rotary_tables
+from arch.layers.mlp import MLP
 from arch.model import HybridLM
 
 

@@ -70,19 +70,29 @@ def write_spec(tmp_path: Path, corpus: Path, name: str, search: str, steps: int 
 
 
 def test_patterns_by_hand():
-    assert build_pattern(2, 0, 1, 1) == "M*M-"  # the smoke study's hybrid
-    assert build_pattern(0, 0, 2, 2) == "*-*-"  # a Transformer: an MLP after each mixer
-    assert build_pattern(4, 0, 2, 2) == "M*M-M*M-"
-    assert build_pattern(3, 0, 0, 4) == "M-M-M--"  # more MLPs than mixers lean right
-    assert build_pattern(3, 1, 0, 0) == "MMmM"  # Mamba-1 spread among the Mamba slots
-    assert build_pattern(2, 0, 2, 0, skip=2) == "MM**"  # no attention in the first two
-    assert build_pattern(3, 0, 1, 0, skip=2) == "MMM*"  # two slots left, one layer: ties go right
+    assert (
+        build_pattern({"mamba2": 2, "attention": 1, "mlp": 1}) == "M*M-"
+    )  # the smoke study's hybrid
+    assert (
+        build_pattern({"attention": 2, "mlp": 2}) == "*-*-"
+    )  # a Transformer: an MLP after each mixer
+    assert build_pattern({"mamba2": 4, "attention": 2, "mlp": 2}) == "M*M-M*M-"
+    assert build_pattern({"mamba2": 3, "mlp": 4}) == "M-M-M--"  # more MLPs than mixers lean right
+    assert (
+        build_pattern({"mamba2": 3, "mamba1": 1}) == "MMmM"
+    )  # Mamba-1 spread among the Mamba slots
+    assert (
+        build_pattern({"mamba2": 2, "attention": 2}, skip=2) == "MM**"
+    )  # no attention in the first two
+    assert (
+        build_pattern({"mamba2": 3, "attention": 1}, skip=2) == "MMM*"
+    )  # two slots left, one layer: ties go right
     # The 8B hybrid's mixers: runs of Mamba-2 of 5, 5, 4, 5, 5 around its 4 attention layers.
     assert spread(28, 4) == [5, 11, 16, 22]
     assert place_free(4, [0.1, 0.1, 0.99]) == [0, 1, 3]  # a taken slot passes to the next
     assert place_free(3, [0.9, 0.9]) == [0, 2]  # ... wrapping around
     with pytest.raises(Infeasible, match="do not fit"):
-        build_pattern(1, 0, 2, 0, skip=2)
+        build_pattern({"mamba2": 1, "attention": 2}, skip=2)
 
 
 TINY = {"n_heads": 4, "d_state": 8, "ssm_headdim": 8, "chunk_size": 16, "vocab_size": 264}

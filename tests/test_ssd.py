@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arch.mamba2 import Mamba2
+from arch.layers.mamba2 import Mamba2
 from arch.ssd import prefix_sum, ssd_chunked, ssd_step
 
 

@@ -1,5 +1,5 @@
 """Fused Triton kernels for the Mamba-2 mixer; the PyTorch reference is ``arch.ssd`` and
-``arch.mamba2``.
+``arch.layers.mamba2``.
 
 ssd_triton: the chunked SSD scan, forward and backward (``ssd_chunked_triton``);
 state_update: one decode step (``ssd_step_triton``); conv: causal depthwise conv1d + SiLU

@@ -5,7 +5,7 @@ in_proj's output (any batch/time strides), weight (channels, width), bias (chann
 silu(bias + sum_k weight[:, k] x[t - width + 1 + k]) as (b, L, channels), contiguous, so the
 x, B and C split from it reach the scan without copies. The reference is
 ``F.silu(F.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=width - 1,
-groups=channels)[..., :L]).transpose(1, 2)``, as in ``arch.mamba2.Mamba2``, which moves
+groups=channels)[..., :L]).transpose(1, 2)``, as in ``arch.layers.mamba2.Mamba2``, which moves
 the tensor through memory several times.
 
 ``conv_silu_backward(x, weight, bias, dy, dx)``: its backward, in one pass over x and dy,

@@ -130,6 +130,6 @@ def mamba2_inner(
 ) -> Tensor:  # fmt: skip
     """zxbcdt (b, L, 2 inner + 2 groups state + heads), conv_weight (conv channels, width),
     A, D, dt_bias (heads,), norm_weight (inner,) -> out_proj's input (b, L, inner), with
-    ``arch.mamba2.Mamba2``'s conv, scan (softplus on dt + dt_bias) and gated norm."""
+    ``arch.layers.mamba2.Mamba2``'s conv, scan (softplus on dt + dt_bias) and gated norm."""
     return _forward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, ngroups,
                     headdim, chunk_size, eps)[0]  # fmt: skip

@@ -1,7 +1,7 @@
 """Mamba-2's gated RMSNorm as Triton kernels, forward and backward.
 
 ``rmsnorm_gated(x, z, weight, eps, group_size)`` = RMSNorm(x * silu(z)) * weight, per group
-of ``group_size`` channels: ``arch.mamba2.RMSNormGated`` (mamba_ssm's with
+of ``group_size`` channels: ``arch.layers.mamba2.RMSNormGated`` (mamba_ssm's with
 norm_before_gate=False) in one pass over x and z forward and one back, in fp32.
 """
 

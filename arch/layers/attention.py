@@ -1,28 +1,16 @@
-"""The attention and MLP layers of the paper's models, and the RMSNorm every block uses.
+"""Causal attention with grouped-query heads and optional RoPE (``*``)."""
 
-Each layer maps (batch, seqlen, d_model) to the same shape and takes an optional
-``cache`` dict for decoding: ``None`` for training, an empty dict to prefill (the
-layer fills it), a filled dict to continue from it one or more tokens at a time.
-A cache from ``allocate_cache`` is static instead: preallocated for a maximum length and
-updated in place, so a decode step can be captured in a CUDA graph; on it a multi-token
-call is the prompt (at position 0) and every later call adds one token.
-"""
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from arch.allocation import ATTENTION
+from arch.registry import LayerType, register
 
-class RMSNorm(nn.Module):
-    def __init__(self, d: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+if TYPE_CHECKING:
+    from arch.config import ModelConfig
 
 
 def rotary_frequencies(dim: int, base: float = 10000.0) -> Tensor:
@@ -146,45 +134,36 @@ def attend_to_cache(q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tenso
     return (scores.softmax(-1) @ v).view(batch, n_heads, seqlen, head_dim)
 
 
-def store(cache: dict, name: str, state: Tensor) -> None:
-    """Keep a layer's decode state: in place in a static cache, whose buffers must keep
-    their address for CUDA-graph replays, else as a new entry."""
-    if name in cache:
-        cache[name].copy_(state)
-    else:
-        cache[name] = state
+def head_dim(c: "ModelConfig") -> int:
+    return c.d_model // c.n_heads
 
 
-_ACTIVATIONS = {
-    "squared_relu": lambda x: F.relu(x).square(),
-    "gelu": F.gelu,
-}
+def kv_dim(c: "ModelConfig") -> int:
+    """Channels of K (and of V): the KV heads' share of d_model."""
+    return (c.n_kv_heads or c.n_heads) * head_dim(c)
 
 
-class MLP(nn.Module):
-    """The paper's MLP: up-projection, activation, down-projection, no biases.
+def _check(c: "ModelConfig") -> None:
+    if c.d_model % c.n_heads:
+        raise ValueError(f"d_model {c.d_model} is not divisible by n_heads {c.n_heads}")
+    if c.n_heads % (c.n_kv_heads or c.n_heads):
+        raise ValueError(f"n_heads {c.n_heads} is not divisible by n_kv_heads {c.n_kv_heads}")
 
-    The Transformer uses squared ReLU, the hybrid Megatron-LM's default GeLU; SwiGLU
-    (gated, two up-projections) is offered for comparison with Llama-style models.
-    """
 
-    def __init__(self, d_model: int, d_ffn: int, activation: str = "squared_relu") -> None:
-        super().__init__()
-        self.activation = activation
-        gated = activation == "swiglu"
-        self.up_proj = nn.Linear(d_model, (2 if gated else 1) * d_ffn, bias=False)
-        self.down_proj = nn.Linear(d_ffn, d_model, bias=False)
-
-    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
-        h = self.up_proj(x)
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = _ACTIVATIONS[self.activation](h)
-        return self.down_proj(h)
-
-    def allocate_cache(
-        self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
-    ) -> dict:
-        return {}  # no state
+register(
+    LayerType(
+        symbol=ATTENTION,
+        name="attention",
+        label="attention",
+        build=lambda c: Attention(c.d_model, c.n_heads, c.n_kv_heads, c.rotary_fraction),
+        matrix_params=lambda c: 2 * c.d_model**2 + 2 * c.d_model * kv_dim(c),  # q, k/v, out
+        # scores and values, counted over the full L x L square (the convention of the
+        # 6N + 12 layers d L rule)
+        sequence_flops=lambda c, seq_len: 4 * c.d_model * seq_len,
+        decode_flops=lambda c, context: 4 * c.n_heads * head_dim(c) * context,
+        kv_cache_values=lambda c, context: 2 * kv_dim(c) * context,
+        fused_launches=6,
+        check=_check,
+        width_multiple=lambda get: get("n_heads"),
+    )
+)

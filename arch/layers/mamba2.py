@@ -1,14 +1,19 @@
 """The Mamba-2 mixer, with mamba_ssm's ``Mamba2`` parameter names, shapes and init."""
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arch.layers import store
+from arch.allocation import MAMBA2
+from arch.layers.common import conv_step, keep_conv_inputs, store
+from arch.registry import LayerType, register
 from arch.ssd import ssd_chunked, ssd_step
+
+if TYPE_CHECKING:
+    from arch.config import ModelConfig
 
 
 class RMSNormGated(nn.Module):
@@ -126,9 +131,8 @@ class Mamba2(nn.Module):
             return self.out_proj(y)
         scan, _, conv_silu, norm = self._ops(u)
         z, xBC, dt = self._split(self.in_proj(u))
-        if cache is not None:  # keep the last d_conv conv inputs, zero-padded on the left
-            conv_in = F.pad(xBC.transpose(1, 2), (max(0, self.d_conv - u.shape[1]), 0))
-            store(cache, "conv", conv_in[..., -self.d_conv :])
+        if cache is not None:
+            keep_conv_inputs(cache, xBC.transpose(1, 2), self.d_conv)
         xBC = conv_silu(xBC)
         x, B, C = xBC.split(
             [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
@@ -145,10 +149,7 @@ class Mamba2(nn.Module):
     def _step(self, u: Tensor, cache: dict) -> Tensor:
         _, step, _, norm = self._ops(u)
         z, xBC, dt = self._split(self.in_proj(u[:, 0]))
-        conv = cache["conv"]
-        conv.copy_(conv.roll(-1, dims=-1))
-        conv[..., -1] = xBC
-        xBC = F.silu((conv * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
+        xBC = F.silu(conv_step(cache["conv"], xBC, self.conv1d))
         x, B, C = xBC.split(
             [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
         )
@@ -166,3 +167,75 @@ class Mamba2(nn.Module):
             "conv": torch.zeros(batch, self.conv_dim, self.d_conv, device=device, dtype=dtype),
             "ssm": torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device),
         }
+
+
+def _widths(c: "ModelConfig") -> tuple[int, int, int]:
+    """(inner width E, heads H, conv channels E + 2 g N)."""
+    E = c.expand * c.d_model
+    return E, E // c.ssm_headdim, E + 2 * c.ssm_ngroups * c.d_state
+
+
+def _matrix_params(c: "ModelConfig") -> int:
+    E, H, conv = _widths(c)
+    return c.d_model * (E + conv + H) + E * c.d_model  # in_proj [z, xBC, dt], out_proj
+
+
+def _other_params(c: "ModelConfig") -> int:
+    E, H, conv = _widths(c)
+    return conv * (c.d_conv + 1) + 3 * H + E  # conv1d with bias, dt_bias / A_log / D, norm
+
+
+def _sequence_flops(c: "ModelConfig", seq_len: int) -> int:
+    """The SSD scan at chunk Q: the chunk's C B^T and scores x X products, 2 Q (E + gN),
+    plus the chunk states and their outputs, 4 N E; and the conv."""
+    E, _, conv = _widths(c)
+    chunk = min(c.chunk_size, seq_len)
+    return 2 * chunk * (E + c.ssm_ngroups * c.d_state) + 4 * c.d_state * E + 2 * c.d_conv * conv
+
+
+def _check(c: "ModelConfig") -> None:
+    E = c.expand * c.d_model
+    if E % c.ssm_headdim:
+        raise ValueError(f"expand * d_model = {E} is not divisible by ssm_headdim {c.ssm_headdim}")
+    if (E // c.ssm_headdim) % c.ssm_ngroups:
+        raise ValueError(
+            f"the {E // c.ssm_headdim} Mamba-2 heads do not split into ssm_ngroups {c.ssm_ngroups}"
+        )
+
+
+def _width_multiple(get) -> int:
+    """E = expand * d_model splits into whole heads and groups."""
+    heads_and_groups = get("ssm_headdim") * get("ssm_ngroups")
+    return heads_and_groups // math.gcd(heads_and_groups, get("expand"))
+
+
+register(
+    LayerType(
+        symbol=MAMBA2,
+        name="mamba2",
+        label="Mamba-2",
+        build=lambda c: Mamba2(
+            c.d_model,
+            d_state=c.d_state,
+            d_conv=c.d_conv,
+            expand=c.expand,
+            headdim=c.ssm_headdim,
+            ngroups=c.ssm_ngroups,
+            chunk_size=c.chunk_size,
+            ssd_impl=c.ssd_impl,
+        ),  # fmt: skip
+        matrix_params=_matrix_params,
+        other_params=_other_params,
+        sequence_flops=_sequence_flops,
+        # the state's decay, input and output, 6 E N, and the conv
+        decode_flops=lambda c, context: (
+            6 * c.expand * c.d_model * c.d_state + 2 * c.d_conv * _widths(c)[2]
+        ),
+        state_values=lambda c: c.expand * c.d_model * c.d_state,
+        conv_values=lambda c: _widths(c)[2] * c.d_conv,
+        fused_launches=6,
+        check=_check,
+        width_multiple=_width_multiple,
+        recurrent=True,
+    )
+)

@@ -7,12 +7,20 @@ and with a gate z the output is y * silu(z).
 """
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arch.layers import store
+from arch.layers.common import conv_step, keep_conv_inputs, store
+from arch.registry import LayerType, register
+
+if TYPE_CHECKING:
+    from arch.config import ModelConfig
+
+# Not one of Megatron-LM's symbols: ours, so pure Mamba-1 baselines fit the same patterns.
+MAMBA1 = "m"
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -204,8 +212,7 @@ class Mamba(nn.Module):
         seqlen = u.shape[1]
         x, z = self.in_proj(u).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
         if cache is not None:
-            # Negative left padding crops, so this keeps the last d_conv inputs either way.
-            store(cache, "conv", F.pad(x, (self.d_conv - seqlen, 0)).contiguous())
+            keep_conv_inputs(cache, x, self.d_conv)
         x = F.silu(self.conv1d(x)[..., :seqlen])
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         out = selective_scan(
@@ -230,11 +237,7 @@ class Mamba(nn.Module):
 
     def _step(self, u: Tensor, cache: dict) -> Tensor:
         x, z = self.in_proj(u[:, 0]).chunk(2, dim=-1)  # (b, d_inner) each
-        conv_state = cache["conv"]
-        conv_state.copy_(conv_state.roll(-1, dims=-1))
-        conv_state[:, :, -1] = x
-        x = (conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
-        x = F.silu(x)
+        x = F.silu(conv_step(cache["conv"], x, self.conv1d))
         dt, B, C = self._ssm_inputs(x)
         y = selective_step(
             cache["ssm"],
@@ -257,3 +260,41 @@ class Mamba(nn.Module):
             "conv": torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype),
             "ssm": torch.zeros(batch, self.d_inner, self.d_state, device=device),
         }
+
+
+def _scan_and_conv_flops(c: "ModelConfig", *_: int) -> int:
+    """The selective scan, 9 E N (as mamba_ssm counts it), and the conv; the same per
+    token in training and in decoding."""
+    E = c.expand * c.d_model
+    return 9 * E * c.mamba1_d_state + 2 * c.d_conv * E
+
+
+def _matrix_params(c: "ModelConfig") -> int:
+    d, E, N = c.d_model, c.expand * c.d_model, c.mamba1_d_state
+    r = math.ceil(d / 16)  # dt_rank "auto"
+    return 2 * d * E + E * (r + 2 * N) + r * E + E * d  # in_proj, x_proj, dt_proj, out_proj
+
+
+def _other_params(c: "ModelConfig") -> int:
+    E = c.expand * c.d_model
+    return E * (c.d_conv + 1) + E + E * c.mamba1_d_state + E  # conv, dt bias, A_log, D
+
+
+register(
+    LayerType(
+        symbol=MAMBA1,
+        name="mamba1",
+        label="Mamba",
+        build=lambda c: Mamba(
+            c.d_model, d_state=c.mamba1_d_state, d_conv=c.d_conv, expand=c.expand
+        ),  # fmt: skip
+        matrix_params=_matrix_params,
+        other_params=_other_params,
+        sequence_flops=_scan_and_conv_flops,
+        decode_flops=_scan_and_conv_flops,
+        state_values=lambda c: c.expand * c.d_model * c.mamba1_d_state,
+        conv_values=lambda c: c.expand * c.d_model * c.d_conv,
+        fused_launches=7,
+        recurrent=True,
+    )
+)
