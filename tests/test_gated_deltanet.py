@@ -18,8 +18,9 @@ from arch.layers.gated_deltanet import (
     gated_delta_rule_recurrent,
 )
 from arch.model import HybridLM
+from runners.search_schema import Budget
 from runners.search_space import Corner, build_pattern, candidate, decode_bytes
-from runners.spec import Budget, StudySpec
+from runners.spec import StudySpec
 
 # d 32, 4 heads of d_k 8 and d_v 16: key width 32, value width 64, conv channels 128
 SMALL = {"d_model": 32, "gdn_head_dim": 8, "n_heads": 4, "vocab_size": 50}
