@@ -157,16 +157,16 @@ def _predictions(study: StudyAnalysis) -> list[Block]:
 def _crossovers(study: StudyAnalysis) -> list[Block]:
     if not study.crossovers:
         return []
-    rows = []
+    notes, rows = Footnotes(), []
     for c in study.crossovers:
         at = est(c["C"]) if np.isfinite(c["C"]["value"]) else "none in range"
         rows.append(
             (
                 c["a"],
                 c["b"],
-                at,
+                notes.mark(at, c["flagged"]),
                 f"{c['fraction_with_crossover']:.2f}",
-                c["better_at_end"],
+                notes.mark(c["better_at_end"], c["flagged"]),
                 f"{num(c['range'][0])} - {num(c['range'][1])}",
             )
         )
@@ -181,6 +181,7 @@ def _crossovers(study: StudyAnalysis) -> list[Block]:
     return [
         Block("h2", "Crossovers on the compute-optimal frontier"),
         Block("table", rows=tuple(rows), header=header),
+        *notes.blocks(),
     ]
 
 
@@ -188,14 +189,14 @@ def _ratio_curves(study: StudyAnalysis) -> list[Block]:
     out = []
     for label, points in study.ratio_curves.items():
         if len(points) >= 2:
-            out.append(Block("h2", f"Hybrid-ratio curve at {label} (C = {num(points[0]['C'])})"))
-            out.append(
-                Block(
-                    "table",
-                    header=("mix", "attention share", "compute-optimal loss"),
-                    rows=tuple((p["mix"], p["attention"], est(p)) for p in points),
-                )
+            notes = Footnotes()
+            rows = tuple(
+                (p["mix"], p["attention"], notes.mark(est(p), p["flagged"])) for p in points
             )
+            header = ("mix", "attention share", "compute-optimal loss")
+            out.append(Block("h2", f"Hybrid-ratio curve at {label} (C = {num(points[0]['C'])})"))
+            out.append(Block("table", header=header, rows=rows))
+            out.extend(notes.blocks())
     return out
 
 

@@ -213,7 +213,8 @@ def compare(a: MixAnalysis, b: MixAnalysis) -> list[dict]:
 
 
 def crossover(a: MixAnalysis, b: MixAnalysis, grid: np.ndarray) -> dict:
-    """Where the compute-optimal loss of a and b cross, from the smallest trial's compute."""
+    """Where the compute-optimal loss of a and b cross, from the smallest trial's compute;
+    ``flagged`` lists the flags of either mix's L(N, D), which the frontier comes from."""
     lo = min(r["flops"] for r in a.rows + b.rows)
     c = grid[grid >= lo]
     la, lb = a.optimal(c)["L_opt"], b.optimal(c)["L_opt"]
@@ -227,6 +228,7 @@ def crossover(a: MixAnalysis, b: MixAnalysis, grid: np.ndarray) -> dict:
         "fraction_with_crossover": float(np.mean(np.isfinite(found))),
         "better_at_end": a.mix.label if la[-1] < lb[-1] else b.mix.label,
         "range": (float(c[0]), float(c[-1])),
+        "flagged": [f"{m.mix.label}, {f}" for m in (a, b) for f in m.flags.get("L(N, D)", [])],
     }
 
 
@@ -239,6 +241,8 @@ def ratio_curves(fitted: list[MixAnalysis], budgets: dict[str, float]) -> dict[s
         for m in sorted(on_axis, key=lambda m: (m.mix.ssm, m.mix.attention)):
             point = m.optimal([compute])["L_opt"][0]
             samples = m.optimal_samples([compute])["L_opt"][:, 0]
+            estimate = _estimate(point, samples)
+            flags = estimate_flags(m, "L(N, D)", "L_opt", estimate)
             points.append(
                 {
                     "mix": m.mix.label,
@@ -246,7 +250,8 @@ def ratio_curves(fitted: list[MixAnalysis], budgets: dict[str, float]) -> dict[s
                     "attention": m.mix.attention,
                     "mlp": m.mix.mlp,
                     "C": compute,
-                    **_estimate(point, samples),
+                    **estimate,
+                    "flagged": [f"{m.mix.label}, {flag}" for flag in flags],
                 }
             )
         curves[label] = points

@@ -210,6 +210,26 @@ def test_comparisons_on_a_flagged_fit_say_so():
     assert "[!1] Mamba-2, L(N, D): E = " in markdown
 
 
+def test_crossovers_and_ratio_curves_on_a_flagged_fit_say_so():
+    n, d, c, loss = isoflop_design(noise=0.002)
+    rows = rows_of("*-*-", n, d, c, loss) + rows_of("M*M-", n, d, c, loss * 0.98)
+    rows += rows_of("MMMM", n, d, c, law(n, d, {**TRUE, "E": 0.0}))
+    study = analyze(rows, resamples=5)
+    for crossing in study.crossovers:
+        pair = {crossing["a"], crossing["b"]}
+        assert any(f.startswith("Mamba-2, L(N, D)") for f in crossing["flagged"]) == (
+            "Mamba-2" in pair
+        ), crossing
+    for points in study.ratio_curves.values():
+        flagged = {p["mix"]: p["flagged"] for p in points}
+        assert flagged["Mamba-2"] and all(f.startswith("Mamba-2") for f in flagged["Mamba-2"])
+        assert [v for k, v in flagged.items() if k != "Mamba-2"] == [[]]
+    markdown = to_markdown(blocks(study, "flags", 5))
+    curve = markdown[markdown.index("## Hybrid-ratio curve") :]
+    row = next(r for r in curve.splitlines() if r.startswith("| Mamba-2 |"))
+    assert "[!" in row and "L(N, D): E = " in curve
+
+
 # ---- backtests ----------------------------------------------------------------------------
 
 
