@@ -108,18 +108,20 @@ def start_trial_run(
     return run.info.run_id
 
 
-def end_orphans(client: MlflowClient, experiment: str, trial_id: str, reason: str) -> list[str]:
-    """End as crashed every run of the trial still marked RUNNING: a worker that died took
-    its run's ending with it. A run its checkpoint holds is reopened by the retry that
-    resumes it; one begun before any checkpoint is never resumed, so without this it would
-    stay RUNNING forever beside the retry's new run. Returns the runs ended."""
+def end_live_runs(
+    client: MlflowClient, experiment: str, trial_id: str, status: str, reason: str
+) -> list[str]:
+    """End as ``status`` every run of the trial still marked RUNNING, whose worker is gone
+    and took the run's ending with it. A run its checkpoint holds is reopened by the retry
+    that resumes it; one begun before any checkpoint is never resumed, and without this it
+    would stay RUNNING forever beside the retry's new run. Returns the runs ended."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
     query = f"tags.`{TRIAL_TAG}` = '{trial_id}' and attributes.status = 'RUNNING'"
     ended = [run.info.run_id for run in client.search_runs([found.experiment_id], query)]
     for run_id in ended:
-        RunLog(client, run_id).end("crashed", reason)
+        RunLog(client, run_id).end(status, reason)
     return ended
 
 

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from arch.accounting import param_counts
 from records.store import default_tracking_uri
-from records.trial_run import GPU_IDS_TAG, GPU_SHARE_TAG, NODE_TAG, STUDY_TAG, end_orphans
+from records.trial_run import GPU_IDS_TAG, GPU_SHARE_TAG, NODE_TAG, STUDY_TAG, end_live_runs
 from runners.config import TrialConfig
 from runners.distributed import BROKEN, GroupPool
 from runners.spec import Resources
@@ -143,6 +143,11 @@ def _keep_raylet_errors_off_stdout() -> None:
     ray_worker.print_to_stdstream = print_unless_raylet
 
 
+def _end_live_runs(job: "Job", status: str, reason: str) -> None:
+    client = MlflowClient(job.train.tracking_uri)
+    end_live_runs(client, job.train.experiment, job.trial.trial_id, status, reason)
+
+
 def gpu_size_gb() -> float:
     import torch
 
@@ -221,8 +226,7 @@ class Driver:
             if job.trial.trial_id in self.groups.running:
                 self.groups.ended(job.trial.trial_id, outcome)
             if outcome.status == "crashed":
-                client = MlflowClient(job.train.tracking_uri)
-                end_orphans(client, job.train.experiment, job.trial.trial_id, outcome.reason)
+                _end_live_runs(job, "crashed", outcome.reason)
             if outcome.status in BROKEN and job.attempts <= self.options.max_retries:
                 self.report(f"{job.trial.trial_id} {outcome.status} ({outcome.reason}); "
                             "retrying from its checkpoint")  # fmt: skip
@@ -244,6 +248,8 @@ class Driver:
                 ray.cancel(ref, force=False)
         self.groups.kill()
         ray.wait(list(self.pending), num_returns=len(self.pending), timeout=60)
+        for job in self.pending.values():  # those whose workers ended without a word
+            _end_live_runs(job, "interrupted", "the study was interrupted")
         print("interrupted: running trials checkpointed; run the same command to resume")
 
     def close(self) -> None:
