@@ -19,8 +19,7 @@ from analysis.plots import FIGURES
 from analysis.sections import backtest_section, data_section, envelope_section, epochs_cell
 from analysis.study import StudyAnalysis, analyze, decode_key, loss_key
 from analysis.table import load_runs
-
-STUDY_TAG = "hybridscale.study"  # the scheduler's tag on a study's parent run
+from records.trial_run import find_study_run
 
 
 def _noted(label: str, flags: list[Flag]) -> list[str]:
@@ -357,16 +356,6 @@ def write(report: list[Block], study: StudyAnalysis, out_dir: Path) -> Path:
     return out_dir
 
 
-def parent_run(client: MlflowClient, study: str) -> str | None:
-    found = client.get_experiment_by_name(study)
-    if found is None:
-        return None
-    runs = client.search_runs(
-        [found.experiment_id], f"tags.`{STUDY_TAG}` = '{study}' and tags.kind = 'study'"
-    )
-    return runs[0].info.run_id if runs else None
-
-
 def run(
     client: MlflowClient,
     study: str,
@@ -381,7 +370,7 @@ def run(
     analysis = analyze(load_runs(client, study), resamples, seed, holdout)
     report = blocks(analysis, study, resamples)
     write(report, analysis, out_dir)
-    parent = parent_run(client, study)
+    parent = find_study_run(client, study)
     if parent is not None:
         client.log_artifacts(parent, str(out_dir), "analysis")
     return out_dir, parent

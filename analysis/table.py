@@ -15,8 +15,13 @@ from mlflow.tracking import MlflowClient
 
 from arch.allocation import ATTENTION, MLP
 from arch.registry import layer_type, recurrent_symbols
-
-TAG = "hybridscale."
+from records.trial_run import (
+    PARAMS_TAG,
+    PATTERN_TAG,
+    VAL_LOSS_METRIC,
+    TrialRun,
+    finished_runs,
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -96,18 +101,16 @@ def _setting(params: dict[str, str]) -> tuple:
     return tuple(sorted((k, v) for k, v in knobs.items() if k not in NOT_SETTINGS))
 
 
-def _row(trial: str, run) -> dict:
-    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-    # The tokens actually trained (whole steps), falling back to the planned count.
-    tokens = float(metrics.get("tokens", tags[f"{TAG}tokens"]))
+def _row(record: TrialRun) -> dict:
+    params, metrics = record.params, record.metrics
     lr = params.get("training.lr")
     return trial_row(
-        trial,
-        tags[f"{TAG}pattern"],
-        float(tags[f"{TAG}params"]),
-        tokens,
-        float(tags[f"{TAG}flops_per_token"]) * tokens,
-        metrics["val_loss"],
+        record.trial_id,
+        record.tags[PATTERN_TAG],
+        float(record.tags[PARAMS_TAG]),
+        record.tokens,
+        record.flops,
+        metrics[VAL_LOSS_METRIC],
         float(params.get("model.attention_ratio", 0)),
         float(params.get("model.mlp_ratio", 0)),
         lr=None if lr is None else float(lr),
@@ -121,19 +124,8 @@ def _row(trial: str, run) -> dict:
 
 def load_runs(client: MlflowClient, experiment: str) -> list[dict]:
     """Finished trials of a study's MLflow experiment (the latest finished run per trial)."""
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    runs = client.search_runs(
-        [found.experiment_id],
-        f"tags.kind = 'trial' and tags.`{TAG}status` = 'finished'",
-        max_results=50000,
-    )
-    latest = {}
-    for run in sorted(runs, key=lambda r: r.info.start_time):
-        if "val_loss" in run.data.metrics and f"{TAG}trial_id" in run.data.tags:
-            latest[run.data.tags[f"{TAG}trial_id"]] = run
-    return [_row(trial, run) for trial, run in latest.items()]
+    records = finished_runs(client, experiment).values()
+    return [_row(record) for record in records if VAL_LOSS_METRIC in record.metrics]
 
 
 def by_mix(rows: list[dict]) -> dict[Mix, list[dict]]:

@@ -50,9 +50,11 @@ from trace_summary import summarize
 
 from arch.accounting import param_counts
 from arch.config import ModelConfig
+from records.trial_run import GPU_IDS_TAG
 from runners.config import TrialConfig
 from runners.distributed import WORKER_ENV, run_data_parallel
-from runners.scheduler import GPU_IDS_TAG, StudyOptions, run_study, summary_rows
+from runners.driver import StudyOptions
+from runners.scheduler import run_study, summary_rows
 from runners.spec import load_spec
 from runners.train import TrainOptions
 

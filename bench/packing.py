@@ -20,7 +20,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from runners.scheduler import StudyOptions, run_study
+from runners.driver import StudyOptions
+from runners.scheduler import run_study
 from runners.spec import load_spec
 
 SPEC = """

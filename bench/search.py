@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
 
-    from runners.scheduler import StudyOptions
+    from runners.driver import StudyOptions
     from runners.search import SearchOptions, run_search
     from runners.search_space import load_search
 

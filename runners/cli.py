@@ -58,7 +58,7 @@ def plan(args: argparse.Namespace) -> int:
 
 
 def _study_options(args: argparse.Namespace):
-    from runners.scheduler import StudyOptions
+    from runners.driver import StudyOptions
 
     every_s = getattr(args, "checkpoint_every_s", None)  # 0 is a choice: every step
     profile_steps = getattr(args, "profile_steps", None)  # argparse gives [first, last]
@@ -134,7 +134,7 @@ def analyze(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from analysis.report import run
-    from runners.tracking import default_tracking_uri
+    from records.store import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri(Path(args.results))
     client = MlflowClient(uri)
@@ -160,7 +160,7 @@ def _print_results(rows: list[dict]) -> None:
 
 def train(args: argparse.Namespace) -> int:
     trial = load_trial(args.config, args.set)
-    from runners.tracking import default_tracking_uri
+    from records.store import default_tracking_uri
     from runners.train import TrainOptions, train_trial
 
     results = Path(args.results)

@@ -26,6 +26,7 @@ import ray
 import torch
 
 from data import open_data
+from records.trial_run import NODE_TAG
 from runners.config import TrialConfig
 from runners.train import TrainOptions, TrialOutcome, train_trial
 
@@ -47,7 +48,9 @@ def _worker_loop(config: dict) -> None:
         device = torch.device(options.device or ray.train.torch.get_device())
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        outcome = train_trial(trial, replace(options, device=str(device)))
+        where = {NODE_TAG: ray.get_runtime_context().get_node_id()}
+        options = replace(options, device=str(device), tags={**options.tags, **where})
+        outcome = train_trial(trial, options)
         if rank == 0:
             ray.get(group.report.remote(done, outcome))
         if outcome.status in BROKEN:

@@ -1,10 +1,10 @@
 """An Optuna search over layer patterns, its trials run in parallel as Ray tasks.
 
-The driver asks Optuna for a candidate, builds its trial config (runners.search_space)
-and runs it with the scheduler's Ray task; the worker reports each interval evaluation
-to the same Optuna storage and stops when the pruner says so; the driver tells Optuna
-the result. Each Optuna trial is an MLflow run, linked both ways: the trial's user attr
-``mlflow_run_id``, the run's tags ``optuna.study`` and ``optuna.trial``.
+The search asks Optuna for a candidate, builds its trial config (runners.search_space)
+and hands it to the Ray driver (runners.driver), as a study does; the worker reports each
+interval evaluation to the same Optuna storage and stops when the pruner says so; the
+search tells Optuna the result. Each Optuna trial is an MLflow run, linked both ways: the
+trial's user attr ``mlflow_run_id``, the run's tags ``optuna.study`` and ``optuna.trial``.
 
 Resumption needs no state of its own. A restarted search runs again the trials the
 storage still shows running (from their checkpoints, in their MLflow runs), takes the
@@ -16,11 +16,10 @@ import csv
 import json
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
-import ray
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
@@ -28,23 +27,13 @@ from optuna.trial import TrialState
 
 from arch.accounting import param_counts
 from data import open_data
+from records.trial_run import RunLog, end_study_run, finished_runs, open_study_run
 from runners.config import TrialConfig
-from runners.scheduler import (
-    STUDY_TAG,
-    StudyOptions,
-    collect,
-    finished_trials,
-    gpu_fraction,
-    gpu_size_gb,
-    parent_run,
-    run_remote,
-    start_ray,
-)
+from runners.driver import Driver, StudyOptions
 from runners.search_schema import COST_OBJECTIVES, Search, direction
 from runners.search_space import Infeasible, candidate, decode_costs
 from runners.spec import SpecError, StudySpec
-from runners.tracking import RunLog
-from runners.train import TrainOptions, TrialOutcome
+from runners.train import TrialOutcome
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -137,158 +126,165 @@ class SearchReport:
 
 def run_search(spec: StudySpec, options: StudyOptions, settings: SearchOptions) -> SearchReport:
     """Run the search until it holds ``trials`` trials; return its report."""
-    search = spec.search
-    base = TrialConfig.model_validate(
-        {"model": spec.model, "data": spec.data, "training": spec.training}
-    )
-    n_trials = settings.trials or search.trials
-    parallel = settings.parallel or search.parallel
     uri = options.uri()
     client = MlflowClient(uri)
-    study_dir = options.results_dir / spec.name
-    workdir = options.checkpoint_dir or study_dir / "trials"
     url = storage_url(spec, options, settings)
-    storage = open_storage(url)
-    pruner = make_pruner(search, base.training.eval_every_tokens)
-    study = open_study(spec, storage, pruner)
-    study_id = storage.get_study_id_from_name(spec.name)
-    parent = parent_run(client, uri, spec.name)
+    parent = open_study_run(client, uri, spec.name)
     RunLog(client, parent).tags({"optuna.study": spec.name, "optuna.storage": url})
-    study.set_user_attr("mlflow_parent_run_id", parent)
-    finished = finished_trials(client, spec.name)  # trial id -> run id
-    print(f"search {spec.name}: {_counts(study)}; up to {n_trials} trials, {parallel} at once")
-    print(f"Optuna storage: {url}\nMLflow store: {uri}")
+    search = SearchRun(spec, options, settings, url, parent)
+    print(f"search {spec.name}: {_counts(search.study)}; up to {search.n_trials} trials, "
+          f"{search.parallel} at once\nOptuna storage: {url}\nMLflow store: {uri}")  # fmt: skip
+    try:
+        search.run()
+    except KeyboardInterrupt:
+        end_study_run(client, parent, failed=False, interrupted=True)
+        raise
+    log = RunLog(client, parent)
+    report = write_report(
+        search.study, spec.search, options.results_dir / spec.name / "search", log
+    )
+    failed = any(t.state == TrialState.FAIL for t in search.study.get_trials(deepcopy=False))
+    end_study_run(client, parent, failed=failed, interrupted=False)
+    return report
 
-    start_ray(options)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    gpu_memory = gpu_size_gb() if gpus else 0.0
-    open_data(base.data, options.results_dir / "data")  # once, before workers need it
-    reports = len(search.objectives) == 1 and search.objectives[0] in ("val_loss", "val_bpb")
-    pending: dict = {}  # Ray ref -> (Optuna trial number, trial config)
-    running: dict[str, list[int]] = {}  # trial id -> numbers of the Optuna trials it answers
-    attempts: dict[int, int] = {}
-    started = time.time()
 
-    def live(number: int) -> optuna.Trial:
-        return optuna.Trial(
-            study, storage.get_trial_id_from_study_id_trial_number(study_id, number)
+class SearchRun:
+    """The search's policy over the driver: ask Optuna for candidates while a slot is free,
+    hand them to the driver, and tell Optuna each outcome. Each Optuna trial answered by a
+    config trained already (or training now) shares that config's result."""
+
+    def __init__(self, spec: StudySpec, options: StudyOptions, settings: SearchOptions,
+                 url: str, parent: str) -> None:  # fmt: skip
+        self.spec, self.search, self.settings, self.url = spec, spec.search, settings, url
+        base = TrialConfig.model_validate(
+            {"model": spec.model, "data": spec.data, "training": spec.training}
         )
+        self.n_trials = settings.trials or self.search.trials
+        self.parallel = settings.parallel or self.search.parallel
+        self.storage = open_storage(url)
+        self.pruner = make_pruner(self.search, base.training.eval_every_tokens)
+        self.study = open_study(spec, self.storage, self.pruner)
+        self.study.set_user_attr("mlflow_parent_run_id", parent)
+        self.study_id = self.storage.get_study_id_from_name(spec.name)
+        self.client = MlflowClient(options.uri())
+        self.finished = {t: r.run_id for t, r in finished_runs(self.client, spec.name).items()}
+        self.running: dict[str, list[int]] = {}  # trial id -> Optuna trials it answers
+        self.train = options.train_options(spec.name, parent)
+        self.reports = len(self.search.objectives) == 1 and self.search.objectives[0] in (
+            "val_loss", "val_bpb")  # fmt: skip
+        open_data(base.data, options.results_dir / "data")  # once, before workers need it
+        self.driver = Driver(options, spec.resources, report=lambda event: self.show(event))
+        self.started = time.time()
 
-    def show(number: int, text: str) -> None:
-        print(
-            f"[{time.time() - started:6.0f}s] trial {number} {text} | {_counts(study)}", flush=True
-        )
+    def run(self) -> None:
+        self.resume_stale()
+        try:
+            self.fill()
+            while self.driver:
+                trial, outcome = self.driver.next()
+                if outcome.status == "finished":
+                    self.finished[trial.trial_id] = outcome.run_id
+                for number in self.running.pop(trial.trial_id):
+                    self.tell(number, trial, outcome)
+                self.fill()
+        except KeyboardInterrupt:
+            self.driver.interrupt()
+            raise
+        self.driver.close()
 
-    def launch(number: int, trial: TrialConfig) -> None:
-        if trial.trial_id in finished:  # trained already (by this trial or one like it)
-            run = client.get_run(finished[trial.trial_id])
-            tell(number, trial, TrialOutcome(trial.trial_id, "finished", run.info.run_id,
-                                             dict(run.data.metrics)))  # fmt: skip
-            return
-        if trial.trial_id in running:  # the same config is training: share its result
-            running[trial.trial_id].append(number)
-            return
-        running[trial.trial_id] = [number]
-        submit(number, trial)
+    def resume_stale(self) -> None:
+        """Trials a killed driver left running: train them again, from their checkpoints."""
+        stale = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if stale:
+            print(f"resuming {len(stale)} running trial(s): {[t.number for t in stale]}")
+        for frozen in stale:
+            if "config" in frozen.user_attrs:
+                config = TrialConfig.model_validate_json(frozen.user_attrs["config"])
+                self.launch(frozen.number, config)
+            else:  # killed while building it: what was suggested stays, the rest is asked
+                self.start(self.live(frozen.number))
 
-    def submit(number: int, trial: TrialConfig) -> None:
-        reporter = Reporter(url, spec.name, number, search.objectives[0], pruner)
-        train = TrainOptions(
-            workdir=workdir, tracking_uri=uri, data_dir=options.results_dir / "data",
-            experiment=spec.name, parent_run_id=parent, device=options.device, log_every=10,
-            checkpoint_every_s=options.checkpoint_every_s, profile_steps=options.profile_steps,
-            tags={STUDY_TAG: spec.name, "kind": "trial", "optuna.study": spec.name,
-                  "optuna.trial": number},
-            on_eval=reporter if reports else None,
-        )  # fmt: skip
-        share = (options.gpus_per_trial or gpu_fraction(trial, gpu_memory)) if gpus else 0
-        ref = run_remote.options(num_cpus=1, num_gpus=share, max_retries=0).remote(trial, train)
-        pending[ref] = (number, trial)
-        attempts[number] = attempts.get(number, 0) + 1
+    def fill(self) -> None:
+        """Ask for trials while a slot is free, the study is short of trials and time is left
+        (trials enqueued by hand wait in the storage: they are asked first, not counted)."""
+        while len(self.driver) < self.parallel:
+            states = (*DONE, TrialState.RUNNING)
+            asked = self.study.get_trials(deepcopy=False, states=states)
+            timeout = self.settings.timeout_s
+            late = timeout is not None and time.time() - self.started > timeout
+            if len(asked) >= self.n_trials or late:
+                return
+            self.start(self.study.ask())
 
-    def tell(number: int, trial: TrialConfig, outcome: TrialOutcome) -> None:
-        values = objective_values(search, trial, outcome.metrics)
-        status, reason = outcome.status, outcome.reason
-        if status == "finished" and None in values:
-            missing = search.objectives[values.index(None)]
-            status, reason = "failed", f"the trial reported no {missing}"
-        handle = live(number)
-        handle.set_user_attr("mlflow_run_id", outcome.run_id)
-        handle.set_user_attr("status", status)
-        if reason:
-            handle.set_user_attr("reason", reason)
-        if status == "finished":
-            study.tell(number, values)
-        else:
-            study.tell(number, state=TrialState.PRUNED if status == "pruned" else TrialState.FAIL)
-        shown = ", ".join(f"{o} {v:.4g}" for o, v in zip(search.objectives, values, strict=True)
-                          if v is not None)  # fmt: skip
-        show(number, f"{trial.model.pattern} {status}: {shown if status == 'finished' else reason}")
-
-    def start(trial: optuna.Trial) -> None:
+    def start(self, trial: optuna.Trial) -> None:
         """Build the trial's candidate from its suggestions and run it."""
         try:
-            config = candidate(spec, trial)
+            config = candidate(self.spec, trial)
         except Infeasible as err:
             trial.set_user_attr("status", "infeasible")
             trial.set_user_attr("reason", str(err))
-            study.tell(trial, state=TrialState.PRUNED)
-            show(trial.number, f"infeasible: {err}")
+            self.study.tell(trial, state=TrialState.PRUNED)
+            self.show(f"trial {trial.number} infeasible: {err}")
             return
         attrs = {
             "trial_id": config.trial_id, "pattern": config.model.pattern,
             "d_model": config.model.d_model, "params": param_counts(config.model)["total"],
-            **decode_costs(config.model, search),
+            **decode_costs(config.model, self.search),
             # Last: a restarted search resumes a trial that has its config as it is, so a
             # driver killed while these were written must leave none or all of them.
             "config": config.model_dump_json(),
         }  # fmt: skip
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        show(trial.number, f"{config.model.pattern} d_model {config.model.d_model} started")
-        launch(trial.number, config)
+        model = config.model
+        self.show(f"trial {trial.number} {model.pattern} d_model {model.d_model} started")
+        self.launch(trial.number, config)
 
-    def fill() -> None:
-        """Ask for trials while a slot is free, the study is short of trials and time is left
-        (trials enqueued by hand wait in the storage: they are asked first, not counted)."""
-        while len(pending) < parallel:
-            asked = study.get_trials(deepcopy=False, states=(*DONE, TrialState.RUNNING))
-            late = settings.timeout_s is not None and time.time() - started > settings.timeout_s
-            if len(asked) >= n_trials or late:
-                return
-            start(study.ask())
+    def launch(self, number: int, trial: TrialConfig) -> None:
+        if trial.trial_id in self.finished:  # trained already (by this trial or one like it)
+            run = self.client.get_run(self.finished[trial.trial_id])
+            outcome = TrialOutcome(trial.trial_id, "finished", run.info.run_id,
+                                   dict(run.data.metrics))  # fmt: skip
+            self.tell(number, trial, outcome)
+            return
+        if trial.trial_id in self.running:  # the same config is training: share its result
+            self.running[trial.trial_id].append(number)
+            return
+        self.running[trial.trial_id] = [number]
+        reporter = Reporter(self.url, self.spec.name, number, self.search.objectives[0],
+                            self.pruner)  # fmt: skip
+        tags = {**self.train.tags, "optuna.study": self.spec.name, "optuna.trial": number}
+        train = replace(self.train, tags=tags, on_eval=reporter if self.reports else None)
+        self.driver.add([(trial, train)])
 
-    # Trials a killed driver left running: train them again, from their checkpoints.
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if stale:
-        print(f"resuming {len(stale)} running trial(s): {[t.number for t in stale]}")
-    for frozen in stale:
-        if "config" in frozen.user_attrs:
-            launch(frozen.number, TrialConfig.model_validate_json(frozen.user_attrs["config"]))
-        else:  # killed while building it: what was suggested stays, the rest is asked
-            start(live(frozen.number))
-    try:
-        fill()
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            number, trial = pending.pop(ready[0])
-            outcome = collect(ready[0], trial)
-            if outcome.status == "crashed" and attempts[number] <= options.max_retries:
-                show(number, f"crashed ({outcome.reason}); retrying from its checkpoint")
-                submit(number, trial)
-                continue
-            if outcome.status == "finished":
-                finished[trial.trial_id] = outcome.run_id
-            for same in running.pop(trial.trial_id):
-                tell(same, trial, outcome)
-            fill()
-    except KeyboardInterrupt:
-        for ref in pending:  # workers get SIGINT: each checkpoints and ends its run KILLED
-            ray.cancel(ref, force=False)
-        ray.wait(list(pending), num_returns=len(pending), timeout=60)
-        print("interrupted: running trials checkpointed; run the same command to resume")
-        raise
-    return write_report(study, search, study_dir / "search", RunLog(client, parent))
+    def tell(self, number: int, trial: TrialConfig, outcome: TrialOutcome) -> None:
+        values = objective_values(self.search, trial, outcome.metrics)
+        status, reason = outcome.status, outcome.reason
+        if status == "finished" and None in values:
+            missing = self.search.objectives[values.index(None)]
+            status, reason = "failed", f"the trial reported no {missing}"
+        handle = self.live(number)
+        handle.set_user_attr("mlflow_run_id", outcome.run_id)
+        handle.set_user_attr("status", status)
+        if reason:
+            handle.set_user_attr("reason", reason)
+        if status == "finished":
+            self.study.tell(number, values)
+        else:
+            state = TrialState.PRUNED if status == "pruned" else TrialState.FAIL
+            self.study.tell(number, state=state)
+        objectives = zip(self.search.objectives, values, strict=True)
+        shown = ", ".join(f"{o} {v:.4g}" for o, v in objectives if v is not None)
+        result = shown if status == "finished" else reason
+        self.show(f"trial {number} {trial.model.pattern} {status}: {result}")
+
+    def live(self, number: int) -> optuna.Trial:
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        return optuna.Trial(self.study, trial_id)
+
+    def show(self, event: str) -> None:
+        elapsed = time.time() - self.started
+        print(f"[{elapsed:6.0f}s] {event} | {_counts(self.study)}", flush=True)
 
 
 def open_study(spec: StudySpec, storage, pruner) -> optuna.Study:

@@ -17,29 +17,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from mlflow.tracking import MlflowClient
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
 
 from arch.accounting import flops_per_token, param_counts
 from arch.allocation import layer_counts
 from arch.model import HybridLM
 from data import TrialData, open_data
+from records.store import flatten
+from records.trial_run import (
+    FLOPS_PER_TOKEN_TAG,
+    PARAMS_TAG,
+    PATTERN_TAG,
+    SHARDED_TAG,
+    TOKENS_METRIC,
+    TOKENS_REQUESTED_TAG,
+    WORKERS_TAG,
+    RunLog,
+    start_trial_run,
+)
+from runners import checkpoint as ckpt
 from runners.config import TrialConfig
 from runners.optim import lr_at, make_optimizer
-from runners.tracking import RunLog, experiment_id, flatten
+from runners.parallel import place, rank_and_world, sum_over_ranks, whole
 
 # Dense bf16 peak of the GPUs MFU is reported against (FLOP/s).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -101,13 +102,6 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of ranks: (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -117,41 +111,6 @@ class _Quiet:
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
-
-
-def _fully_shard(model: HybridLM, device: torch.device, world: int) -> None:
-    """FSDP2, in place: each block is a unit whose weights are gathered only for its own
-    forward and backward; the embedding, final norm and head are the root's unit. Each rank
-    keeps 1/world of every weight, gradient and Adam moment. Units move to ``device`` one
-    at a time as they are sharded, so no GPU ever holds the whole model."""
-    marks = {name: dict(vars(param)) for name, param in model.named_parameters()}
-    mesh = init_device_mesh(device.type, (world,))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    for name, param in model.named_parameters():  # new parameters: keep the layers' marks
-        vars(param).update(marks[name])  # (e.g. _no_weight_decay, which the optimizer reads)
-
-
-# Sharded state gathered whole for the checkpoint, into rank 0's CPU memory alone.
-GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _rekey(optimizer_state: dict, key: dict) -> dict:
-    """An optimizer state dict with its parameters' keys mapped through ``key``: from the
-    names the gathered state uses to the numbers of the optimizer's own layout, or back."""
-    groups = optimizer_state["param_groups"]
-    return {
-        "state": {key[p]: value for p, value in optimizer_state["state"].items()},
-        "param_groups": [{**g, "params": [key[p] for p in g["params"]]} for g in groups],
-    }
-
-
-def _save_atomic(state: dict, path: Path) -> None:
-    """Write aside, then rename: a crash mid-write never leaves a torn checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -173,19 +132,14 @@ class Trainer:
         self.total_steps = max(1, math.ceil(trial.tokens / self.tokens_per_step))
         # Data-parallel: each rank trains on its slice of the same global batch, and
         # rank 0 alone logs and checkpoints.
-        self.rank, self.world = _rank_and_world()
+        self.rank, self.world = rank_and_world()
         self.chief = self.rank == 0
         self.local_batch = t.batch_size // self.world
         self.micro = t.micro_batch_size or self.local_batch
         torch.manual_seed(t.seed)
         self.model = HybridLM(trial.model)  # every rank draws the same initial weights
         self.shard = options.shard and self.world > 1
-        if self.shard:  # before the optimizer: it must hold the sharded parameters
-            _fully_shard(self.model, self.device, self.world)
-        else:
-            self.model.to(self.device)
-        replicated = self.world > 1 and not self.shard
-        self.ddp = DistributedDataParallel(self.model) if replicated else None
+        self.ddp = place(self.model, self.device, self.world, self.shard)
         self.wrapped = self.ddp or self.model
         # "not due" and "due", for the step's flag to index without a host-to-device copy
         self._flags = torch.tensor([0.0, 1.0], dtype=torch.float64, device=self.device)
@@ -207,23 +161,13 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------
 
-    def _param_names(self) -> list[str]:
-        """The optimizer's parameters by name, in the order its own state dict numbers them."""
-        names = {param: name for name, param in self.model.named_parameters()}
-        return [names[param] for group in self.optimizer.param_groups for param in group["params"]]
-
     def _state(self) -> dict | None:
-        """The loop's state, laid out as one unsharded model's whether or not the ranks
-        shard it: a checkpoint resumes on any number of ranks, sharded or not. Sharded,
-        gathering is collective: every rank calls this, and rank 0 alone gets the state."""
-        if self.shard:
-            model = get_model_state_dict(self.model, options=GATHER)
-            optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=GATHER)
-            if not self.chief:
-                return None
-            optimizer = _rekey(optimizer, {name: i for i, name in enumerate(self._param_names())})
-        else:
-            model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        """The loop's state, on rank 0 (None elsewhere); every rank calls this, as
+        gathering sharded state is collective."""
+        whole_state = ckpt.gather(self.model, self.optimizer, self.shard, self.chief)
+        if whole_state is None:
+            return None
+        model, optimizer = whole_state
         return {
             "model": model,
             "optimizer": optimizer,
@@ -237,18 +181,9 @@ class Trainer:
     def _restore(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
-        # Mapped into CPU memory (where RNG states must be), from which every tensor is
-        # copied straight to its place: a parameter, or a sharded rank's slice of one.
-        state = torch.load(self.checkpoint_path, map_location="cpu", mmap=True, weights_only=False)
+        state = ckpt.load(self.checkpoint_path)
         try:
-            if self.shard:
-                whole = StateDictOptions(full_state_dict=True)
-                set_model_state_dict(self.model, state["model"], options=whole)
-                optimizer = _rekey(state["optimizer"], dict(enumerate(self._param_names())))
-                set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=whole)
-            else:
-                self.model.load_state_dict(state["model"])
-                self.optimizer.load_state_dict(state["optimizer"])
+            ckpt.scatter(self.model, self.optimizer, self.shard, state)
         except (RuntimeError, ValueError, KeyError) as err:  # e.g. written by older layer code
             detail = " ".join(str(err).split())[:300]
             raise ValueError(
@@ -267,7 +202,7 @@ class Trainer:
         if self.chief or self.shard:
             state = self._state()
             if self.chief:
-                _save_atomic(state, self.checkpoint_path)
+                ckpt.save_atomic(state, self.checkpoint_path)
         self.saved_at = time.perf_counter()
         self.log.metrics({"checkpoint_s": self.saved_at - start}, self.step, _now_ms())
         self.log.flush()  # a rare write, and a trial that stops here may not write again
@@ -278,31 +213,27 @@ class Trainer:
         if not self.chief:
             return _Quiet()
         if self.run_id is not None:
-            self.client.update_run(self.run_id, status="RUNNING")
-            return RunLog(self.client, self.run_id, METRICS_FLUSH_S)
+            log = RunLog(self.client, self.run_id, METRICS_FLUSH_S)
+            log.reopen()
+            return log
         trial, model = self.trial, self.trial.model
-        counts = param_counts(model)
         tags = {
-            "hybridscale.trial_id": trial.trial_id,
-            "hybridscale.pattern": model.pattern,
-            "hybridscale.params": counts["total"],
-            "hybridscale.flops_per_token": self.flops_per_token,
-            "hybridscale.tokens": trial.tokens,
+            PATTERN_TAG: model.pattern,
+            PARAMS_TAG: param_counts(model)["total"],
+            FLOPS_PER_TOKEN_TAG: self.flops_per_token,
+            TOKENS_REQUESTED_TAG: trial.tokens,
             "hybridscale.d_model": model.d_model,
             "hybridscale.n_layers": model.n_layers,
-            "hybridscale.workers": self.world,  # data-parallel ranks (not part of the trial)
-            "hybridscale.sharded": self.shard,  # FSDP rather than DDP (nor is this)
+            WORKERS_TAG: self.world,
+            SHARDED_TAG: self.shard,
             **{f"hybridscale.n_{k}": v for k, v in layer_counts(model.pattern).items()},
             **self.options.tags,
         }
-        if self.options.parent_run_id:
-            tags["mlflow.parentRunId"] = self.options.parent_run_id
-        exp = experiment_id(self.client, self.options.experiment, self.options.tracking_uri)
-        run_name = f"{trial.trial_id} {model.pattern[:24]}"
-        run = self.client.create_run(
-            exp, run_name=run_name, tags={k: str(v) for k, v in tags.items()}
-        )
-        self.run_id = run.info.run_id
+        self.run_id = start_trial_run(
+            self.client, self.options.tracking_uri, self.options.experiment, trial.trial_id,
+            name=f"{trial.trial_id} {model.pattern[:24]}", tags=tags,
+            parent_run_id=self.options.parent_run_id,
+        )  # fmt: skip
         log = RunLog(self.client, self.run_id, METRICS_FLUSH_S)
         log.params(flatten(trial.model_dump(mode="json")))
         return log
@@ -350,13 +281,10 @@ class Trainer:
             losses.append(loss.detach())
         total = torch.stack(losses).double().mean()
         due = self._flags[int(checkpoint_due and self.chief)]  # a view: no copy, no sync
-        if self.world > 1:  # every rank judges divergence on the same, global, loss
-            packed = torch.stack([total / self.world, due])
-            dist.all_reduce(packed)  # a sum: gloo has no average
-            total, due = packed
+        # Every rank judges divergence on the same, global, loss.
+        total, due = sum_over_ranks(torch.stack([total / self.world, due]), self.world)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
-        if isinstance(norm, DTensor):  # sharded: each rank holds a part of the norm
-            norm = norm.full_tensor()
+        norm = whole(norm)  # sharded, each rank holds a part of it
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         total, grad_norm, due = torch.stack([total, norm.double(), due]).tolist()  # the one sync
@@ -375,77 +303,14 @@ class Trainer:
         return result
 
     def run(self) -> TrialOutcome:
+        """Train to the end (or a stop), recording every ending on the run."""
         if self.chief:  # lets an operator find the worker
             (self.dir / "pid").write_text(str(os.getpid()))
         self._restore()
         self.log = self._open_run()
         self.model.train()
-        t, options = self.trial.training, self.options
-        eval_every = (
-            max(1, t.eval_every_tokens // self.tokens_per_step) if t.eval_every_tokens else None
-        )
-        peak = peak_flops(self.device)
-        steps_run, last_end = 0, None
-        self.saved_at = time.perf_counter()
         try:
-            while self.step < self.total_steps:
-                self._profile(steps_run)
-                if options.stop_after_steps is not None and steps_run >= options.stop_after_steps:
-                    self.checkpoint()
-                    self.log.end("interrupted")  # as Ctrl-C ends it, not left RUNNING
-                    return TrialOutcome(self.trial.trial_id, "interrupted", self.run_id)
-                # A step is timed from the last one's end, so the loop's own work between
-                # steps counts; from its own start after a (re)start, evaluation or checkpoint.
-                start = last_end or time.perf_counter()
-                due = time.perf_counter() - self.saved_at >= options.checkpoint_every_s
-                loss, grad_norm, lr, save = self._train_step(due)
-                last_end = time.perf_counter()
-                self.step += 1
-                steps_run += 1
-                tokens = self.step * self.tokens_per_step
-                self.history.append((self.step, tokens, loss))
-                metrics = {
-                    "train_loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                    "tokens_per_s": self.tokens_per_step / (last_end - start),
-                }  # fmt: skip
-                if peak:
-                    metrics["mfu"] = (
-                        metrics["tokens_per_s"] * self.flops_per_token / (peak * self.world)
-                    )
-                if self.device.type == "cuda":
-                    metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                evaluated = (
-                    eval_every and self.step % eval_every == 0 and self.step < self.total_steps
-                )
-                if evaluated:
-                    metrics.update(self.evaluate())
-                if evaluated or self.step % options.log_every == 0 or self.step == self.total_steps:
-                    self.log.metrics(metrics, self.step, _now_ms())
-                    self._log_line(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-                if evaluated:
-                    self.log.flush()  # evaluations are what a study watches: no waiting
-                    last_end = None
-                    if options.on_eval and options.on_eval(self.step, tokens, metrics):
-                        self.checkpoint()
-                        return self._fail("pruned", f"pruned at step {self.step}")
-                every = options.checkpoint_every
-                if save or (every and self.step % every == 0):
-                    self.checkpoint()
-                    last_end = None
-            # A trial shorter than profile_steps: the steps it had, not a profiler left on.
-            self._write_profile()
-            tokens = self.step * self.tokens_per_step
-            # Times over the training split: batches draw windows uniformly, so each token
-            # was seen this often on average; analysis warns where data repeats.
-            evaluation = {**self.evaluate(), "epochs": tokens / self.data.train.tokens}
-            self.log.metrics(evaluation, self.step, _now_ms())
-            final = {**evaluation, "train_loss": self.history[-1][2], "tokens": tokens}
-            self.checkpoint()
-            if self.chief:
-                self._artifacts(final)
-            self._log_line(f"finished: {final}")
-            self.log.end("finished")
-            return TrialOutcome(self.trial.trial_id, "finished", self.run_id, final)
+            return self._loop()
         except KeyboardInterrupt:
             if not self.shard:  # gathering shards needs every rank, and they may be gone
                 self.checkpoint()
@@ -455,10 +320,82 @@ class Trainer:
             return self._fail("diverged", str(err))
         except torch.cuda.OutOfMemoryError:
             return self._fail("oom", f"CUDA out of memory at micro-batch {self.micro}")
-        except Exception as err:  # recorded on the run; the scheduler decides on retries
+        except Exception as err:  # recorded on the run; the driver decides on retries
             if self.chief:
                 self.client.log_text(self.run_id, traceback.format_exc(), "traceback.txt")
             return self._fail("failed", f"{type(err).__name__}: {err}")
+
+    def _loop(self) -> TrialOutcome:
+        t, options = self.trial.training, self.options
+        eval_every = (
+            max(1, t.eval_every_tokens // self.tokens_per_step) if t.eval_every_tokens else None
+        )
+        steps_run, last_end = 0, None
+        self.saved_at = time.perf_counter()
+        while self.step < self.total_steps:
+            self._profile(steps_run)
+            if options.stop_after_steps is not None and steps_run >= options.stop_after_steps:
+                self.checkpoint()
+                self.log.end("interrupted")  # as Ctrl-C ends it, not left RUNNING
+                return TrialOutcome(self.trial.trial_id, "interrupted", self.run_id)
+            # A step is timed from the last one's end, so the loop's own work between steps
+            # counts; from its own start after a (re)start, evaluation or checkpoint.
+            start = last_end or time.perf_counter()
+            due = time.perf_counter() - self.saved_at >= options.checkpoint_every_s
+            loss, grad_norm, lr, save = self._train_step(due)
+            last_end = time.perf_counter()
+            self.step += 1
+            steps_run += 1
+            tokens = self.step * self.tokens_per_step
+            self.history.append((self.step, tokens, loss))
+            metrics = self._step_metrics(loss, grad_norm, lr, last_end - start)
+            evaluated = eval_every and self.step % eval_every == 0 and self.step < self.total_steps
+            if evaluated:
+                metrics.update(self.evaluate())
+            if evaluated or self.step % options.log_every == 0 or self.step == self.total_steps:
+                self.log.metrics(metrics, self.step, _now_ms())
+                self._log_line(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if evaluated:
+                self.log.flush()  # evaluations are what a study watches: no waiting
+                last_end = None
+                if options.on_eval and options.on_eval(self.step, tokens, metrics):
+                    self.checkpoint()
+                    return self._fail("pruned", f"pruned at step {self.step}")
+            every = options.checkpoint_every
+            if save or (every and self.step % every == 0):
+                self.checkpoint()
+                last_end = None
+        return self._finish()
+
+    def _step_metrics(self, loss: float, grad_norm: float, lr: float, seconds: float) -> dict:
+        metrics = {
+            "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
+            TOKENS_METRIC: self.step * self.tokens_per_step,
+            "tokens_per_s": self.tokens_per_step / seconds,
+        }  # fmt: skip
+        peak = peak_flops(self.device)
+        if peak:
+            metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / (peak * self.world)
+        if self.device.type == "cuda":
+            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return metrics
+
+    def _finish(self) -> TrialOutcome:
+        """The final evaluation, checkpoint and artifacts; the run ends finished."""
+        # A trial shorter than profile_steps: the steps it had, not a profiler left on.
+        self._write_profile()
+        tokens = self.step * self.tokens_per_step
+        # Times over the training split: batches draw windows uniformly, so each token was
+        # seen this often on average; analysis warns where data repeats.
+        evaluation = {**self.evaluate(), "epochs": tokens / self.data.train.tokens}
+        self.log.metrics(evaluation, self.step, _now_ms())
+        final = {**evaluation, "train_loss": self.history[-1][2], TOKENS_METRIC: tokens}
+        self.checkpoint()
+        if self.chief:
+            self._artifacts(final)
+        self._log_line(f"finished: {final}")
+        self.log.end("finished")
+        return TrialOutcome(self.trial.trial_id, "finished", self.run_id, final)
 
     def _profile(self, steps_run: int) -> None:
         """Before each step: start tracing before step ``profile_steps[0]``, stop and write
@@ -496,8 +433,7 @@ class Trainer:
         """End the run as ``status``, writing its held metrics; it never checkpoints, so a
         diverged step's update is never kept."""
         self._log_line(f"{status}: {reason}")
-        self.log.tags({"hybridscale.reason": reason})
-        self.log.end(status)
+        self.log.end(status, reason)
         return TrialOutcome(self.trial.trial_id, status, self.run_id, reason=reason)
 
     def _artifacts(self, final: dict) -> None:

@@ -17,7 +17,7 @@ from analysis.report import blocks, to_markdown
 from analysis.sections import epochs_cell, position_encoding
 from analysis.study import analyze
 from analysis.table import load_runs, mix_of, trial_row
-from runners.tracking import default_tracking_uri, experiment_id
+from records.store import default_tracking_uri, experiment_id
 
 
 def design():

@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 from arch.accounting import param_counts
 from arch.config import ModelConfig
 from arch.decode_cost import H100, decode_seconds_per_token
+from records.store import default_tracking_uri, experiment_id
 from runners.cli import main
-from runners.tracking import default_tracking_uri, experiment_id
 
 # Two mixes drawn from known laws: the hybrid has the lower loss at every scale.
 LAWS = {

@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 
 from runners.config import TrialConfig
 from runners.distributed import run_data_parallel
-from runners.scheduler import StudyOptions, run_study
+from runners.driver import StudyOptions
+from runners.scheduler import run_study
 from runners.spec import SpecError, load_spec
 from runners.train import Trainer, TrainOptions
 

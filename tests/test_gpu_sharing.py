@@ -7,7 +7,9 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from runners.scheduler import GPU_IDS_TAG, GPU_SHARE_TAG, StudyOptions, run_study, spread_share
+from records.trial_run import GPU_IDS_TAG, GPU_SHARE_TAG
+from runners.driver import StudyOptions, spread_share
+from runners.scheduler import run_study
 from runners.spec import load_spec
 
 

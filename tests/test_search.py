@@ -22,8 +22,10 @@ from optuna.trial import TrialState
 from arch.accounting import flops_per_token, param_counts
 from arch.config import ModelConfig
 from arch.decode_cost import decode_seconds_per_token
+from records.store import experiment_id
+from records.trial_run import RunLog
 from runners.config import TrialConfig
-from runners.scheduler import StudyOptions
+from runners.driver import StudyOptions
 from runners.search import SearchOptions, open_storage, open_study, run_search, write_report
 from runners.search_schema import Budget
 from runners.search_space import (
@@ -36,7 +38,6 @@ from runners.search_space import (
     spread,
 )
 from runners.spec import SpecError
-from runners.tracking import RunLog, experiment_id
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS_PER_STEP = 4 * 64  # batch_size x seq_len below
@@ -405,3 +406,17 @@ def test_search_against_modelled_decode_time(tmp_path, corpus_dir, local_ray):
         written = {int(r["trial"]): float(r["decode_ms"]) for r in csv.DictReader(f)}
     assert written == {r["trial"]: pytest.approx(r["decode_ms"]) for r in rows
                        if r["trial"] in front}  # fmt: skip
+
+
+def test_search_trials_honour_the_specs_resources(tmp_path, corpus_dir, local_ray):
+    """A search's trials run as a study's do: here on two data-parallel workers, sharded."""
+    search = "trials: 1\nparallel: 1\npruner: none\n" + textwrap.dedent(SPACE)
+    path = write_spec(tmp_path, corpus_dir, "dp", search, steps=4)
+    path.write_text(path.read_text() + "resources: {workers: 2, shard_from: 1}\n")
+    options = StudyOptions(results_dir=tmp_path / "results", device="cpu")
+    run_search(load_search(path), options, SearchOptions())
+    storage = open_storage(str(tmp_path / "results" / "dp" / "optuna.journal"))
+    (trial,) = optuna.load_study(study_name="dp", storage=storage).get_trials()
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs
+    tags = MlflowClient(options.uri()).get_run(trial.user_attrs["mlflow_run_id"]).data.tags
+    assert (tags["hybridscale.workers"], tags["hybridscale.sharded"]) == ("2", "True")

@@ -15,7 +15,8 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from runners.scheduler import StudyOptions, run_study
+from runners.driver import StudyOptions
+from runners.scheduler import run_study
 from runners.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,3 +139,103 @@ def test_driver_killed_and_rerun_skips_finished(tmp_path, corpus_dir):
     assert f"{len(first)} already finished" in rerun.stdout
     _, trials = load_spec(path)
     assert finished_runs(tmp_path, "rerun") == {t.trial_id: 1 for t in trials}
+
+
+def study_run(tmp_path: Path, study: str):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(study)
+    (run,) = client.search_runs([exp.experiment_id], "tags.kind = 'study'")
+    return run
+
+
+def trial_runs_of(tmp_path: Path, study: str) -> list:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], "tags.kind = 'trial'")
+
+
+def test_parent_run_ends_finished_or_failed(tmp_path, corpus_dir, local_ray):
+    path = write_spec(tmp_path, corpus_dir, "ends", ["M*-"], steps=3)
+    spec, trials = load_spec(path)
+    run_study(spec, trials, StudyOptions(results_dir=tmp_path / "results"))
+    assert study_run(tmp_path, "ends").info.status == "FINISHED"
+    # A learning rate that blows up: the trial diverges, and the study ends FAILED.
+    path.write_text(path.read_text().replace("lr: 3.0e-3", "lr: 50.0"))
+    spec, trials = load_spec(path)
+    rows = run_study(spec, trials, StudyOptions(results_dir=tmp_path / "results"))
+    assert [r["status"] for r in rows] == ["diverged"]
+    assert study_run(tmp_path, "ends").info.status == "FAILED"
+
+
+def start_cli_study(path: Path, tmp_path: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "runners.cli", "study", str(path),
+           "--results", str(tmp_path / "results"), "--cpus", "2"]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+
+
+def wait_for_running_run(driver: subprocess.Popen, tmp_path: Path, study: str):
+    """The first trial run the store shows RUNNING (the trial is training)."""
+    deadline = time.time() + 120
+    while True:
+        assert time.time() < deadline and driver.poll() is None, driver.stdout.read()
+        # Trial folders appear once the driver has set up the store: only then read it.
+        if (tmp_path / "results" / study / "trials").exists():
+            running = [r for r in trial_runs_of(tmp_path, study) if r.info.status == "RUNNING"]
+            if running:
+                return running[0]
+        time.sleep(0.2)
+
+
+def test_interrupted_study_ends_killed_and_reopens_on_resume(tmp_path, corpus_dir):
+    path = write_spec(tmp_path, corpus_dir, "ctrlc", ["M*-", "*-"], steps=300)
+    driver = start_cli_study(path, tmp_path)
+    wait_for_running_run(driver, tmp_path, "ctrlc")
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=120)
+    assert "interrupted" in out, out
+    assert study_run(tmp_path, "ctrlc").info.status == "KILLED"
+    assert {r.info.status for r in trial_runs_of(tmp_path, "ctrlc")} == {"KILLED"}
+
+    # Run again: the study's run is live again, then FINISHED with its trials, each of
+    # which resumed its own run from its checkpoint.
+    rerun = start_cli_study(path, tmp_path)
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    assert study_run(tmp_path, "ctrlc").info.status == "FINISHED"
+    _, trials = load_spec(path)
+    assert finished_runs(tmp_path, "ctrlc") == {t.trial_id: 1 for t in trials}
+
+
+@pytest.fixture(scope="module")
+def killed_before_checkpoint(tmp_path_factory, corpus_dir):
+    """A one-trial study through the CLI whose worker is SIGKILLed once its run exists but
+    long before its first checkpoint (the default interval is 10 minutes): the retry
+    trains it afresh. Returns the study's folder and the driver's output."""
+    tmp_path = tmp_path_factory.mktemp("orphan")
+    path = write_spec(tmp_path, corpus_dir, "orphan", ["M*-"], steps=150)
+    driver = start_cli_study(path, tmp_path)
+    first = wait_for_running_run(driver, tmp_path, "orphan")
+    trial_dir = tmp_path / "results" / "orphan" / "trials" / first.data.tags["hybridscale.trial_id"]
+    assert not (trial_dir / "checkpoint.pt").exists()
+    os.kill(int((trial_dir / "pid").read_text()), signal.SIGKILL)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, out
+    return tmp_path, first.info.run_id, out
+
+
+def test_a_worker_killed_before_its_first_checkpoint_leaves_no_live_orphan(
+    killed_before_checkpoint,
+):
+    tmp_path, orphan, _ = killed_before_checkpoint
+    runs = {r.info.run_id: r for r in trial_runs_of(tmp_path, "orphan")}
+    assert sorted(r.info.status for r in runs.values()) == ["FAILED", "FINISHED"]
+    assert runs[orphan].info.status == "FAILED"
+    assert runs[orphan].data.tags["hybridscale.status"] == "crashed"
+    assert "WorkerCrashedError" in runs[orphan].data.tags["hybridscale.reason"]
+
+
+def test_the_raylets_worker_died_message_stays_out_of_the_progress(killed_before_checkpoint):
+    _, _, out = killed_before_checkpoint
+    assert "crashed (WorkerCrashedError); retrying" in out, out
+    assert "worker died" not in out.lower(), out

@@ -244,7 +244,8 @@ def test_held_metrics_reach_mlflow_however_a_trial_ends(tmp_path, corpus_dir, da
 def test_run_log_holds_metrics_until_flushed_in_batches_mlflow_accepts(tmp_path):
     """Held rows are written on flush, more than MLflow's 1000 metrics a call included;
     with no interval (the default) each row is written at once."""
-    from runners.tracking import RunLog, experiment_id
+    from records.store import experiment_id
+    from records.trial_run import RunLog
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
