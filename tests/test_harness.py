@@ -7,10 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from runners.cli import main
-from runners.evaluate import from_run, harness_model
+from runners.evaluate import from_run, from_spec, harness_model
 from runners.train import TrainOptions, train_trial
 from tests.test_train import tiny_trial
 
@@ -33,6 +34,13 @@ def trained(tmp_path_factory, corpus_dir, data_cache):
     trial = from_run(MlflowClient(uri), outcome.run_id, results)
     model = harness_model(trial, data_cache, "cpu", batch_size=3)
     return SimpleNamespace(results=results, uri=uri, run_id=outcome.run_id, trial=trial, lm=model)
+
+
+def test_a_spec_and_trial_id_find_the_same_checkpoint_and_run(trained, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": STUDY, **trained.trial.trial.model_dump(mode="json")}))
+    found = from_spec(spec, trained.trial.trial.trial_id, trained.results)
+    assert (found.checkpoint, found.run_id) == (trained.trial.checkpoint, trained.run_id)
 
 
 def reference_logprobs(model, tokens: list[int]) -> torch.Tensor:
