@@ -155,3 +155,4 @@ def test_cli_runs_local_tasks_and_logs_them_to_the_trials_run(trained, tmp_path)
     metrics = MlflowClient(trained.uri).get_run(trained.run_id).data.metrics
     assert metrics["task/local_mc/acc"] == pytest.approx(accuracy)
     assert metrics["task/local_gen/exact_match"] == pytest.approx(exact_match)
+    assert metrics["task/local_mc/acc_stderr"] > 0
