@@ -62,6 +62,11 @@ class HarnessModel(TemplateLM):
         lose their oldest tokens, as the harness's own models do."""
         rows = []
         for _, context, continuation in requests:
+            if len(continuation) > self.max_length:
+                raise ValueError(
+                    f"a continuation of {len(continuation)} tokens is longer than the model's "
+                    f"window of {self.max_length}"
+                )
             whole = (context + continuation)[-(self.max_length + 1) :]
             rows.append((whole[:-1], whole[-len(continuation) :]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
