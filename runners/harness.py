@@ -77,11 +77,12 @@ class HarnessModel(TemplateLM):
             inputs = torch.zeros(len(batch), width, dtype=torch.long)
             for row, i in enumerate(batch):
                 inputs[row, : len(rows[i][0])] = torch.tensor(rows[i][0])
-            logprobs = F.log_softmax(self._logits(inputs), dim=-1).cpu()
+            logits = self._logits(inputs)
             for row, i in enumerate(batch):
                 tokens, continuation = rows[i]
                 end = len(tokens)
-                scored = logprobs[row, end - len(continuation) : end]
+                # normalised over the scored positions alone: no second batch-sized tensor
+                scored = F.log_softmax(logits[row, end - len(continuation) : end], -1).cpu()
                 target = torch.tensor(continuation)
                 total = scored.gather(-1, target[:, None]).sum().item()
                 results[i] = (total, bool((scored.argmax(-1) == target).all()))
