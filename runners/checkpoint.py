@@ -19,6 +19,11 @@ GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 WHOLE = StateDictOptions(full_state_dict=True)
 
 
+def trials_dir(results_dir: Path, study: str) -> Path:
+    """Where a study's trials checkpoint by default, a folder per trial id."""
+    return results_dir / study / "trials"
+
+
 def gather(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, shard: bool, chief: bool
 ) -> tuple[dict, dict] | None:

@@ -1,4 +1,4 @@
-"""The ``hybridscale`` command line: plan, train, study, search, results, analyze."""
+"""The ``hybridscale`` command line: plan, train, study, search, results, analyze, eval."""
 
 import argparse
 import json
@@ -153,6 +153,36 @@ def analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from runners.evaluate import from_run, from_spec, harness_model, log_task_metrics, run_tasks
+    from runners.tracking import default_tracking_uri
+
+    results = Path(args.results)
+    client = MlflowClient(args.tracking_uri or default_tracking_uri(results))
+    if Path(args.target).is_file():
+        if not args.trial:
+            print("error: name the spec's trial with --trial ID", file=sys.stderr)
+            return 2
+        trained = from_spec(args.target, args.trial, results)
+    else:
+        trained = from_run(client, args.target, results)
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    model = harness_model(trained, results / "data", device, args.batch_size)
+    metrics = run_tasks(model, args.tasks.split(","), args.include_path, args.limit)
+    log_task_metrics(client, trained.run_id, metrics)
+    print_table([{"task": task, **values} for task, values in metrics.items()])
+    print(f"Logged to run {trained.run_id}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _print_results(rows: list[dict]) -> None:
     hidden = {"run_id", "reason"}
     print_table([{k: v for k, v in row.items() if k not in hidden} for row in rows])
@@ -241,6 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="force a torch device, e.g. cpu")
     storage(p)
     p.set_defaults(run=train)
+
+    p = commands.add_parser("eval", help="evaluate a trial's checkpoint on lm-evaluation-harness "
+                            "tasks, logging task/<task>/<metric> to its MLflow run")  # fmt: skip
+    p.add_argument("target", help="a study spec (with --trial) or a trial's MLflow run id")
+    p.add_argument("--trial", help="the spec's trial id (hybridscale plan lists them)")
+    p.add_argument("--tasks", required=True, help="harness tasks, e.g. hellaswag,arc_easy")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of task YAMLs of your own (repeatable)")  # fmt: skip
+    p.add_argument("--limit", type=float, help="examples per task (a fraction if below 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--device", help="a torch device (default: cuda if there is one)")
+    storage(p)
+    p.set_defaults(run=evaluate)
 
     args = parser.parse_args(argv)
     try:

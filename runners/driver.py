@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from arch.accounting import param_counts
 from records.store import default_tracking_uri
 from records.trial_run import GPU_IDS_TAG, GPU_SHARE_TAG, NODE_TAG, STUDY_TAG, end_live_runs
+from runners.checkpoint import trials_dir
 from runners.config import TrialConfig
 from runners.distributed import BROKEN, GroupPool
 from runners.spec import Resources
@@ -50,7 +51,7 @@ class StudyOptions:
         """Options for a trial of ``study``; paths absolute, as workers run elsewhere."""
         results = self.results_dir.resolve()
         return TrainOptions(
-            workdir=(self.checkpoint_dir or results / study / "trials").resolve(),
+            workdir=(self.checkpoint_dir or trials_dir(results, study)).resolve(),
             tracking_uri=self.uri(), data_dir=results / "data", experiment=study,
             device=self.device, checkpoint_every_s=self.checkpoint_every_s,
             profile_steps=self.profile_steps,
