@@ -156,8 +156,8 @@ def analyze(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
+    from records.store import default_tracking_uri
     from runners.evaluate import from_run, from_spec, harness_model, log_task_metrics, run_tasks
-    from runners.tracking import default_tracking_uri
 
     results = Path(args.results)
     client = MlflowClient(args.tracking_uri or default_tracking_uri(results))
