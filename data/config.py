@@ -22,7 +22,8 @@ class DataConfig(StrictModel):
     seq_len: PositiveInt = 128
     val_fraction: Ratio = 0.01
     # Probe tasks (mqar, phonebook, copy, selective_copy) -> the fraction of training rows
-    # they fill; every probe named here is evaluated (probe_<name>_acc), 0.0 only that.
+    # they fill; every probe named here is evaluated (probe_<name>_acc and
+    # the answers' loss, probe_<name>_bpb), 0.0 only that.
     probes: dict[ProbeName, Ratio] = {}
     eval_tokens: Count = 32768  # validation tokens per evaluation
     probe_examples: PositiveInt = 64  # held-out examples per probe per evaluation

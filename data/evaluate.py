@@ -1,5 +1,5 @@
 """What the trainer measures at intervals and at the end: validation loss, bits per byte
-(comparable across tokenizers), and probe accuracy."""
+(comparable across tokenizers), and probe accuracy and answer loss."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from data.loader import TokenWindows
-from data.probes import EVAL_STREAM, probe_batch
+from data.probes import EVAL_STREAM, IGNORE, probe_batch
 
 BATCH_TOKENS = 8192  # tokens per forward pass: bounds the logits' memory at large vocabularies
 
@@ -37,7 +37,7 @@ def validation_metrics(
 
 
 @torch.no_grad()
-def probe_accuracy(
+def probe_scores(
     model,
     name: str,
     tokenizer,
@@ -45,19 +45,26 @@ def probe_accuracy(
     device: torch.device,
     examples: int = 64,
     items: int | None = None,
-) -> float:
-    """The fraction of answers (a value, a number, a copied string) whose every token is the
-    model's top prediction, teacher-forced, over held-out examples 0..examples-1."""
-    correct = answers = 0
+) -> dict:
+    """Over held-out examples 0..examples-1, teacher-forced: ``acc``, the fraction of answers
+    (a value, a number, a copied string) whose every token is the model's top prediction,
+    and ``bpb``, the loss of the correct answers in bits per byte of their text (the task
+    loss that OLMo's model ladder fits, smooth where accuracy jumps)."""
+    token_bytes = tokenizer.token_bytes()
+    correct = answers = n_bytes = 0
+    nats = 0.0
     rows_per_batch = max(1, BATCH_TOKENS // seq_len)
     for first in range(0, examples, rows_per_batch):
         seeds = [(EVAL_STREAM, i) for i in range(first, min(first + rows_per_batch, examples))]
         inputs, targets, spans = probe_batch(name, seeds, tokenizer, seq_len, items)
-        hits = (model(inputs.to(device)).argmax(-1).cpu() == targets).numpy()
+        logits = model(inputs.to(device)).float().cpu()
+        nats += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        n_bytes += int(token_bytes[targets[targets != IGNORE].numpy()].sum())
+        hits = (logits.argmax(-1) == targets).numpy()
         correct += sum(
             hits[row, start:end].all()
             for row, row_spans in enumerate(spans)
             for start, end in row_spans
         )
         answers += sum(len(row_spans) for row_spans in spans)
-    return correct / answers
+    return {"acc": correct / answers, "bpb": bits_per_byte(nats, n_bytes)}

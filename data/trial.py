@@ -11,7 +11,7 @@ import torch
 
 from data.config import DataConfig
 from data.corpus import resolve_sources
-from data.evaluate import probe_accuracy, validation_metrics
+from data.evaluate import probe_scores, validation_metrics
 from data.loader import TokenWindows
 from data.probes import TRAIN_STREAM, example, probe_row
 from data.shards import prepare_shards, read_split
@@ -63,13 +63,15 @@ class TrialData:
         return torch.from_numpy(inputs), torch.from_numpy(targets)
 
     def evaluate(self, model, device: torch.device) -> dict:
-        """val_loss, val_bpb and probe_<name>_acc for each configured probe."""
+        """val_loss, val_bpb, and probe_<name>_acc and probe_<name>_bpb for each configured
+        probe."""
         config = self.config
         metrics = validation_metrics(model, self.val, self.token_bytes, config.eval_tokens, device)
         for name in config.probes:
-            metrics[f"probe_{name}_acc"] = probe_accuracy(
+            scores = probe_scores(
                 model, name, self.tokenizer, config.seq_len, device, config.probe_examples
             )
+            metrics |= {f"probe_{name}_{key}": value for key, value in scores.items()}
         return metrics
 
 

@@ -22,7 +22,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from arch.config import ModelConfig
 from arch.model import HybridLM
-from data.evaluate import probe_accuracy
+from data.evaluate import probe_scores
 from data.probes import IGNORE, TRAIN_STREAM, example, probe_row
 from data.tokenizer import EOT_TEXT, HFTokenizer
 
@@ -95,7 +95,7 @@ def test_a_small_model_learns_phonebook_lookup():
     cpu = torch.device("cpu")
 
     def accuracy() -> float:
-        return probe_accuracy(model, "phonebook", tokenizer, EVAL_ROW, cpu, 256, ENTRIES)
+        return probe_scores(model, "phonebook", tokenizer, EVAL_ROW, cpu, 256, ENTRIES)["acc"]
 
     assert accuracy() < 0.05  # chance: all of a number's tokens right, untrained
     train(model, tokenizer)

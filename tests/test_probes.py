@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from data import open_data
 from data.config import DataConfig, ProbeName
-from data.evaluate import probe_accuracy
+from data.evaluate import probe_scores
 from data.probes import IGNORE, PROBES, example, items_that_fit, probe_row
 from data.tokenizer import ByteTokenizer, train_bpe
 from runners.config import TrialConfig
@@ -160,14 +160,22 @@ class RandomModel(torch.nn.Module):
         return torch.randn(*inputs.shape, 257, generator=self.generator)
 
 
-def test_copy_accuracy_of_an_oracle_a_near_miss_and_chance():
+def test_copy_accuracy_and_answer_loss_of_an_oracle_a_near_miss_and_chance():
     cpu, byte = torch.device("cpu"), ByteTokenizer()
-    assert probe_accuracy(CopyOracle(), "copy", byte, 64, cpu, examples=24) == 1.0
-    assert probe_accuracy(CopyOracle(shift=0), "copy", byte, 64, cpu, examples=24) == 0.0
+
+    def scores(model, **kwargs) -> dict:
+        return probe_scores(model, "copy", byte, 64, cpu, **kwargs)
+
+    oracle, near_miss, chance = (scores(m, examples=24) for m in (CopyOracle(), CopyOracle(0),
+                                                                  RandomModel()))  # fmt: skip
+    assert (oracle["acc"], near_miss["acc"], chance["acc"]) == (1.0, 0.0, 0.0)
     # Chance is (1/257)^31 for a 31-letter copy; per token 1/257.
-    assert probe_accuracy(RandomModel(), "copy", byte, 64, cpu, examples=24) == 0.0
-    short = probe_accuracy(RandomModel(), "copy", byte, 64, cpu, examples=2000, items=1)
-    assert short == pytest.approx(1 / 257, abs=0.006)
+    short = scores(RandomModel(), examples=2000, items=1)
+    assert short["acc"] == pytest.approx(1 / 257, abs=0.006)
+    # Answer loss: ~0 for the oracle (logit 100 on the answer); for standard normal logits
+    # over 257 tokens, E[logsumexp] - E[z] = ln 257 + 1/2 nats per one-byte token.
+    assert oracle["bpb"] < 1e-6 and near_miss["bpb"] > 50
+    assert chance["bpb"] == pytest.approx((math.log(257) + 0.5) / math.log(2), rel=0.02)
 
 
 def test_probes_mix_into_training_and_are_evaluated(corpus_dir, data_cache):
@@ -193,10 +201,9 @@ def test_probes_mix_into_training_and_are_evaluated(corpus_dir, data_cache):
     assert set(metrics) == {
         "val_loss",
         "val_bpb",
-        "probe_copy_acc",
-        "probe_mqar_acc",
-        "probe_phonebook_acc",
-    }
+        *(f"probe_{name}_{score}" for name in ("copy", "mqar", "phonebook")
+          for score in ("acc", "bpb")),
+    }  # fmt: skip
     assert metrics["probe_copy_acc"] == 1.0 and metrics["probe_mqar_acc"] < 0.1
 
 
@@ -229,6 +236,7 @@ def test_a_trial_trains_on_probes_and_logs_their_accuracy(tmp_path, corpus_dir, 
     assert outcome.status == "finished", outcome.reason
     metrics = MlflowClient(uri).get_run(outcome.run_id).data.metrics
     assert 0.0 <= metrics["probe_copy_acc"] <= 1.0 and "probe_phonebook_acc" in metrics
+    assert metrics["probe_copy_bpb"] > 0 and "probe_phonebook_bpb" in metrics
     assert math.isfinite(metrics["train_loss"]) and metrics["val_bpb"] > 0
 
 
