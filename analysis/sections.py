@@ -192,7 +192,7 @@ def _near_chance(task: dict) -> str:
     return (
         f"{_task_label(task)}: every trial's accuracy within {100 * NEAR_CHANCE:.0f} points "
         f"of chance ({100 * task['chance']:.3g}%; best {100 * task['best_accuracy']:.3g}% over "
-        f"{task['trials']} points): too noisy to predict, not fitted."
+        f"{task['points']} points): too noisy to predict, not fitted."
     )
 
 

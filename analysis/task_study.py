@@ -135,7 +135,7 @@ def analyze_task(
         "kind": kind,
         "loss_key": loss_key,
         "accuracy_key": accuracy_key,
-        "trials": len(rows),
+        "points": len(rows),
         "chance": chance,
         "best_accuracy": float(accuracy.max()),
     }
@@ -150,7 +150,7 @@ def analyze_task(
         "fits": {
             "loss": {m.label: _params(f) for m, f in ladder.losses.items()},
             "accuracy": {k: _params(f) for k, f in ladder.accuracies.items()},
-        },  # fmt: skip
+        },
         "backtest": backtest_task(rows, prefix, loss_key, accuracy_key, cutoff, resamples, seed),
         "notes": ladder.notes,
     }

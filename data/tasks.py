@@ -74,8 +74,16 @@ class PreparedTask:
         return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
-def read_examples(path: Path) -> list[dict]:
-    """The file's examples, checked: a bad one is an error naming the file and example."""
+def task_file(name: str, path: str) -> Path:
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise DataError(f"data.tasks.{name}: {source}: no such file")
+    return source
+
+
+def read_examples(name: str, path: str) -> list[dict]:
+    """The task's examples, checked: a bad one is an error naming the file and example."""
+    path = task_file(name, path)
     text = path.read_text()
     try:
         if text.lstrip().startswith("["):
@@ -83,18 +91,18 @@ def read_examples(path: Path) -> list[dict]:
         else:
             examples = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as err:
-        raise DataError(f"data.tasks: {path}: not JSON or JSONL ({err})") from None
+        raise DataError(f"data.tasks.{name}: {path}: not JSON or JSONL ({err})") from None
     for i, ex in enumerate(examples):
         choices, answer = ex.get("choices"), ex.get("answer")
         if not (isinstance(ex.get("question"), str) and isinstance(choices, list)
                 and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)
                 and isinstance(answer, int) and 0 <= answer < len(choices)):  # fmt: skip
             raise DataError(
-                f"data.tasks: {path}: example {i} is not {{question: text, choices: [2+ "
+                f"data.tasks.{name}: {path}: example {i} is not {{question: text, choices: [2+ "
                 "non-empty texts], answer: index of a choice}"
             )
     if not examples:
-        raise DataError(f"data.tasks: {path}: no examples")
+        raise DataError(f"data.tasks.{name}: {path}: no examples")
     return examples
 
 
@@ -120,15 +128,12 @@ def _tokenize(examples: list[dict], tokenizer) -> dict[str, np.ndarray]:
 
 def prepare_task(name: str, path: str, tokenizer, data_dir: Path) -> PreparedTask:
     """The task's prepared pairs, tokenized the first time and read back after."""
-    source = Path(path).expanduser()
-    if not source.is_file():
-        raise DataError(f"data.tasks.{name}: {source}: no such file")
-    content = hashlib.sha256(source.read_bytes()).hexdigest()
+    content = hashlib.sha256(task_file(name, path).read_bytes()).hexdigest()
     key = stable_hash({"format": FORMAT, "content": content, "tokenizer": tokenizer.identity})
     prepared = Path(data_dir) / "tasks" / f"{name}-{key}.npz"
     if not prepared.exists():
         buffer = io.BytesIO()
-        np.savez(buffer, **_tokenize(read_examples(source), tokenizer))
+        np.savez(buffer, **_tokenize(read_examples(name, path), tokenizer))
         prepared.parent.mkdir(parents=True, exist_ok=True)
         scratch = prepared.with_name(f".{prepared.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         scratch.write_bytes(buffer.getvalue())

@@ -13,6 +13,7 @@ from data import DataError
 from data.tasks import prepare_task
 from data.tokenizer import ByteTokenizer
 from runners.config import TrialConfig
+from runners.spec import SpecError, load_spec
 from runners.train import Trainer
 from tests.test_train import options, tiny_trial
 
@@ -88,5 +89,21 @@ def test_prepared_examples_are_keyed_by_content(tmp_path):
     assert (first.pairs, second.pairs) == (6, 9)
     assert len(list((tmp_path / "tasks").glob("t-*.npz"))) == 2
     write_task(path, [{"question": "q", "choices": ["a"], "answer": 0}])
-    with pytest.raises(DataError, match=r"t.json: example 0 is not"):
+    with pytest.raises(DataError, match=r"data.tasks.t: .*t.json: example 0 is not"):
         prepare_task("t", str(path), ByteTokenizer(), tmp_path)
+
+
+def test_a_spec_naming_a_bad_task_file_is_refused(tmp_path):
+    spec = tmp_path / "s.yaml"
+    base = "name: s\nmodel: {preset: tiny}\ntraining: {tokens: 1M}\n"
+    spec.write_text(base + f"data: {{tasks: {{quiz: {tmp_path / 'absent.jsonl'}}}}}\n")
+    with pytest.raises(SpecError, match=r"s.yaml: data.tasks.quiz: .*absent.jsonl: no such file"):
+        load_spec(spec)
+    (tmp_path / "bad.jsonl").write_text('{"question": "q", "choices": ["a", "b"]}\n')
+    spec.write_text(base + f"data: {{tasks: {{quiz: {tmp_path / 'bad.jsonl'}}}}}\n")
+    with pytest.raises(SpecError, match=r"bad.jsonl: example 0 is not"):
+        load_spec(spec)
+    write_task(tmp_path / "good.jsonl")
+    spec.write_text(base + f"data: {{tasks: {{quiz: {tmp_path / 'good.jsonl'}}}}}\n")
+    _, (trial,) = load_spec(spec)
+    assert trial.data.tasks == {"quiz": str(tmp_path / "good.jsonl")}
