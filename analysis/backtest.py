@@ -23,11 +23,20 @@ def rule(cutoff: float | None) -> str:
     return f"trials above {cutoff:.3g} FLOPs held out"
 
 
-def _predicted(label: str, row: dict, fit: LawFit, scatter: np.ndarray) -> dict:
+def log_scatter(fit: LawFit, rows: list[dict], key: str = "val_loss") -> np.ndarray:
+    """The rows' log-residuals about the law: how far one trial's loss strays from it."""
+    params, tokens, loss = columns(rows, "params", "tokens", key)
+    return np.log(loss) - np.log(fit.predict(params, tokens))
+
+
+def predicted(
+    label: str, row: dict, fit: LawFit, scatter: np.ndarray, key: str = "val_loss"
+) -> dict:
+    """The row's loss under ``key`` against the law's prediction and its interval."""
     value = float(fit.predict(row["params"], row["tokens"]))
     laws = fit.predict_samples(row["params"], row["tokens"])
     lo, hi = interval(np.outer(laws, np.exp(scatter)))
-    observed = row["val_loss"]
+    observed = row[key]
     return {
         "mix": label,
         "trial": row["trial"],
@@ -53,19 +62,18 @@ def backtest_mix(
         fit = fit_nd(params, tokens, loss, resamples, seed)
     except FitError as err:
         return [], f"{mix.label}: cannot refit without the held-out trials: {err}"
-    scatter = np.log(loss) - np.log(fit.predict(params, tokens))
-    predicted = [
-        _predicted(mix.label, r, fit, scatter) for r, o in zip(rows, out, strict=True) if o
-    ]
-    return predicted, None
+    scatter = log_scatter(fit, kept)
+    found = [predicted(mix.label, r, fit, scatter) for r, o in zip(rows, out, strict=True) if o]
+    return found, None
 
 
-def summary(trials: list[dict]) -> dict:
-    """Mean and max |error| in percent, and how many observed losses fell inside."""
-    errors = np.abs([t["error_pct"] for t in trials])
+def summary(trials: list[dict], error: str = "error_pct") -> dict:
+    """Mean and max |error| (in percent, or the unit ``error`` names), and how many
+    observed values fell inside their intervals."""
+    errors = np.abs([t[error] for t in trials])
     return {
-        "mean_abs_error_pct": float(errors.mean()) if len(errors) else None,
-        "max_abs_error_pct": float(errors.max()) if len(errors) else None,
+        f"mean_abs_{error}": float(errors.mean()) if len(errors) else None,
+        f"max_abs_{error}": float(errors.max()) if len(errors) else None,
         "inside": sum(t["inside"] for t in trials),
         "total": len(trials),
     }

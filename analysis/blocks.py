@@ -37,6 +37,11 @@ def times(ratio: float) -> str:
     return f"x{rounded:,.0f}" if rounded >= 10 else f"x{rounded:g}"
 
 
+def noted(label: str, flags: list) -> list[str]:
+    """Footnote texts of flags (analysis.diagnostics.Flag) on ``label``'s number."""
+    return [f"{label}, {flag}" for flag in flags]
+
+
 class Footnotes:
     """Numbered notes of one table: a cell gets [!1,2], the notes follow the table."""
 

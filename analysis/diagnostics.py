@@ -22,6 +22,14 @@ For an IsoFLOP fit: an exponent a (N_opt ~ C^a) or b (D_opt ~ C^b) outside (0, 1
 compute-optimal size or token count that shrinks with compute or outgrows it, or a
 degenerate interval of either.
 
+For a task's accuracy sigmoid, acc = a / (1 + exp(-k (L - L0))) + b (analysis/tasks.py):
+a collapsed to 0 (accuracy does not depend on task loss), k >= 0 (accuracy does not rise
+as task loss falls), a + b > 1 (the curve tops out above perfect accuracy), or a
+degenerate interval of a parameter off its box bound (a and b lie in [0, 1]; a floor b
+pinned at 0 in every resample is a task whose chance is 0, not a fault). An accuracy
+predicted at a task loss below the lowest the sigmoid was fitted to by more than the span
+of those losses reads the curve far past its data.
+
 A predicted loss is implausible when below half of L_min, or when its interval is
 undefined. Published language-model laws do not halve the loss over the reaches analysed
 here: Hoffmann et al.'s compute-optimal loss falls 34% from 1e18 to 1e21 FLOPs and 46%
@@ -127,6 +135,34 @@ def isoflop_flags(fit: IsoFlopFit) -> list[Flag]:
             found.append((name, f"{name} = {value:.3g} is outside (0, 1)"))
         found += _interval_flags(name, value, fit.samples[:, column])
     return [Flag("IsoFLOP", name, text) for name, text in found]
+
+
+def sigmoid_flags(fit, source: str) -> list[Flag]:
+    """Flags of an accuracy sigmoid (an analysis.tasks.SigmoidFit) named ``source``."""
+    p, found = fit.params(), []
+    if p["a"] < COLLAPSED:
+        found.append(("a", f"a = {p['a']:.3g}: accuracy does not depend on task loss"))
+    if p["k"] >= 0:
+        found.append(("k", f"k = {p['k']:.3g} >= 0: accuracy does not rise as task loss falls"))
+    if p["a"] + p["b"] > 1 + COLLAPSED:
+        found.append(("a", f"a + b = {p['a'] + p['b']:.3g}: the curve tops out above 1"))
+    samples = fit.sample_params()
+    for name, value in p.items():
+        if name in ("a", "b") and min(value, 1 - value) < COLLAPSED:
+            continue  # at its box bound: pinned there, not undetermined
+        found += _interval_flags(name, value, samples[name])
+    return [Flag(source, name, text) for name, text in found]
+
+
+def sigmoid_reach_flags(name: str, loss: float, fitted: np.ndarray) -> list[Flag]:
+    """Flags of an accuracy read off a sigmoid at task loss ``loss``, fitted to ``fitted``."""
+    lowest, span = float(np.min(fitted)), float(np.ptp(fitted))
+    if loss >= lowest - span:
+        return []
+    text = (f"task loss {loss:.3g} is below the sigmoid's lowest fitted loss ({lowest:.3g}) "
+            f"by more than their span ({span:.3g}): the accuracy reads the curve far past "
+            "its data")  # fmt: skip
+    return [Flag(f"prediction {name}", name, text)]
 
 
 def prediction_flags(name: str, estimate: dict, loss: np.ndarray) -> list[Flag]:

@@ -4,9 +4,12 @@ Trials of one model size and token count that differ only in training settings (
 other knobs) and seed are one point of the law. Fitting them all would weight a point by
 its number of trials and pull the law toward badly tuned runs. So, per (mix, N, D): the
 mean val_loss over seeds of each setting, then the setting of lowest mean; the law is
-the envelope of the best-tuned runs, as the scaling-law papers fit it."""
+the envelope of the best-tuned runs, as the scaling-law papers fit it. The point's task
+metrics are its setting's means over seeds too."""
 
 import numpy as np
+
+from analysis.table import TASK_METRIC
 
 
 def _setting(row: dict) -> tuple:
@@ -23,8 +26,10 @@ def _best(group: list[dict]) -> dict:
     key = min(means, key=means.get)
     chosen = settings[key]
     lrs = sorted({r["lr"] for r in group if r["lr"] is not None})
+    tasks = {k for r in chosen for k in r if TASK_METRIC.match(k)}
     return {
         **chosen[0],
+        **{k: float(np.mean([r[k] for r in chosen if k in r])) for k in tasks},
         "val_loss": means[key],
         "trials": len(group),
         "settings": len(settings),

@@ -10,20 +10,22 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from analysis.blocks import Block, Footnotes, est, num, times
+from analysis.blocks import Block, Footnotes, est, noted, num, times
 from analysis.diagnostics import Flag
 from analysis.envelope import summary as envelope_summary
 from analysis.extrapolate import DECODE_BATCHES, PAPER_SEQ_LEN, PAPER_TOKENS
 from analysis.fit import interval
 from analysis.plots import FIGURES
-from analysis.sections import backtest_section, data_section, envelope_section, epochs_cell
+from analysis.sections import (
+    backtest_section,
+    data_section,
+    envelope_section,
+    epochs_cell,
+    task_section,
+)
 from analysis.study import StudyAnalysis, analyze, decode_key, loss_key
 from analysis.table import load_runs
 from records.trial_run import find_study_run
-
-
-def _noted(label: str, flags: list[Flag]) -> list[str]:
-    return [f"{label}, {flag}" for flag in flags]
 
 
 def _with_interval(value: float, samples: np.ndarray) -> str:
@@ -37,7 +39,7 @@ def _param_table(fits: list[tuple[str, object, list[Flag]]], notes: Footnotes) -
         samples = fit.sample_params()
         cells = [
             notes.mark(
-                _with_interval(v, samples[k]), _noted(label, [f for f in flags if f.name == k])
+                _with_interval(v, samples[k]), noted(label, [f for f in flags if f.name == k])
             )
             for k, v in fit.params().items()
         ]
@@ -120,7 +122,7 @@ def _predictions(study: StudyAnalysis) -> list[Block]:
     losses = [loss_key(t) for t in PAPER_TOKENS]
 
     def cell(p: dict, key: str) -> str:
-        return notes.mark(est(p.get(key)), _noted(p["mix"], p["flags"].get(key, [])))
+        return notes.mark(est(p.get(key)), noted(p["mix"], p["flags"].get(key, [])))
 
     rows = tuple(
         (
@@ -209,7 +211,7 @@ def _isoflop_table(study: StudyAnalysis, notes: Footnotes) -> list[Block]:
         cells = [
             notes.mark(
                 _with_interval(law[1], fit.samples[:, column]),
-                _noted(m.mix.label, [f for f in flags if f.name == name]),
+                noted(m.mix.label, [f for f in flags if f.name == name]),
             )
             for name, law, column in (("a", fit.n_law, 1), ("b", fit.d_law, 3))
         ]
@@ -275,6 +277,7 @@ def blocks(study: StudyAnalysis, name: str, resamples: int) -> list[Block]:
         _comparisons(study),
         _predictions(study),
         backtest_section(study),
+        task_section(study),
         _crossovers(study),
         _ratio_curves(study),
         _fits(study),
@@ -351,6 +354,7 @@ def write(report: list[Block], study: StudyAnalysis, out_dir: Path) -> Path:
         "diagnostics": {m.mix.label: m.flags for m in study.mixes},
         "envelope": {m.mix.label: envelope_summary(m.rows) for m in study.mixes},
         "backtest": study.backtest,
+        "tasks": study.tasks,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json))
     return out_dir

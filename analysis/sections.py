@@ -1,14 +1,16 @@
-"""The report's sections on how far its numbers can be trusted: how trials became the
-fitted points (the hyperparameter envelope), the backtest, and what each mix's trials
-were (position encoding, repeated data)."""
+"""The report's sections beyond the loss fits: how trials became the fitted points (the
+hyperparameter envelope), the backtest, downstream tasks at 8B, and what each mix's
+trials were (position encoding, repeated data)."""
 
 from collections import Counter
 
 import numpy as np
 
-from analysis.blocks import Block, est, num
+from analysis.blocks import Block, Footnotes, est, noted, num, times
 from analysis.envelope import summary
+from analysis.extrapolate import PAPER_TOKENS
 from analysis.study import StudyAnalysis
+from analysis.task_study import NEAR_CHANCE, PAPER_SUMMARY
 
 REPEATED_EPOCHS = 4  # more passes over the corpus than this: repeated data shows in loss
 
@@ -95,6 +97,118 @@ def backtest_section(study: StudyAnalysis) -> list[Block]:
     if rows:
         out.append(Block("table", header=header, rows=rows))
     return out + [Block("p", note) for note in backtest["notes"]]
+
+
+TASK_TEXT = (
+    "Each task's loss (bits per byte of its correct answers) is fitted as L(N, D) per mix, "
+    "then accuracy as a sigmoid of that loss per mix family (Bhagia et al. 2024); a "
+    "prediction pushes each bootstrap sample of the law through the matching sample of the "
+    "sigmoid, so its 95% interval carries both. Probes score exact answers (chance 0); "
+    "local tasks pick the choice of lowest loss. Reach: the 8B N and its compute at "
+    f"{PAPER_TOKENS[0] / 1e12:.2g}T tokens over those of the mix's largest trial measured."
+)
+
+
+def _task_label(task: dict) -> str:
+    return f"{task['task']} (probe)" if task["kind"] == "probe" else task["task"]
+
+
+def _points(e: dict) -> dict:
+    return {key: 100 * e[key] for key in ("value", "lo", "hi")}
+
+
+def _task_predictions(fitted: list[dict]) -> list[Block]:
+    notes, rows = Footnotes(), []
+    for task in fitted:
+        by_mix: dict[str, dict] = {}
+        for p in task["predictions"]:
+            by_mix.setdefault(p["mix"], {})[p["D"]] = p
+        for mix, at in by_mix.items():
+            first = at[PAPER_TOKENS[0]]
+            reach = f"{times(first['reach']['N'])} in N, {times(first['reach']['C'])} in C"
+            cells = [
+                notes.mark(est(at[d][kind]), noted(mix, at[d]["flags"][kind]))
+                for d in PAPER_TOKENS
+                for kind in ("loss", "accuracy")
+            ]
+            rows.append((_task_label(task), mix, reach, *cells))
+    if not rows:
+        return []
+    header = ("task", "mix", "reach") + tuple(
+        f"{kind} at {d / 1e12:.2g}T" for d in PAPER_TOKENS for kind in ("task loss", "accuracy")
+    )
+    return [Block("table", header=header, rows=tuple(rows)), *notes.blocks()]
+
+
+def _task_differences(fitted: list[dict]) -> list[Block]:
+    notes, rows = Footnotes(), []
+    for task in fitted:
+        for c in task["differences"]:
+            p = "rests on a flagged fit" if c["flagged"] else f"{c['p_a_better']:.2f}"
+            rows.append((_task_label(task), c["a"], c["b"], f"{c['tokens'] / 1e12:.2g}T",
+                         notes.mark(est(_points(c["diff"])), c["flagged"]), p,
+                         c["paper"] or "-"))  # fmt: skip
+    if not rows:
+        return []
+    text = (
+        "Accuracy of A minus accuracy of B in points, each at its 8B configuration; "
+        "positive means A is better. P(A better): the share of bootstrap pairs in which A "
+        "is; not given where either prediction is flagged. " + PAPER_SUMMARY
+    )
+    header = ("task", "A", "B", "tokens", "accuracy A - B (points)", "P(A better)", "paper")
+    return [
+        Block("p", text),
+        Block("table", header=header, rows=tuple(rows)),
+        *notes.blocks(),
+    ]
+
+
+def _task_backtests(fitted: list[dict]) -> list[Block]:
+    rows = []
+    for task in fitted:
+        loss, accuracy = (task["backtest"]["summary"][k] for k in ("loss", "accuracy"))
+        if not loss["total"]:
+            continue
+        rows.append((_task_label(task), loss["total"],
+                     f"{loss['mean_abs_error_pct']:.2f} (max {loss['max_abs_error_pct']:.2f})",
+                     f"{loss['inside']} of {loss['total']}",
+                     f"{accuracy['mean_abs_error_points']:.2f} "
+                     f"(max {accuracy['max_abs_error_points']:.2f})",
+                     f"{accuracy['inside']} of {accuracy['total']}"))  # fmt: skip
+    rule = fitted[0]["backtest"]["rule"] if fitted else ""
+    text = (
+        f"Both steps refitted without the held-out trials ({rule}), which they predict: "
+        "the task loss's error in percent, the accuracy's in points; inside: observed "
+        "values within their 95% intervals."
+    )
+    header = ("task", "held out", "task loss: mean (max) error %", "inside",
+              "accuracy: mean (max) error, points", "inside")  # fmt: skip
+    if not rows:
+        return [Block("p", f"{text} No held-out trial could be predicted.")]
+    return [Block("p", text), Block("table", header=header, rows=tuple(rows))]
+
+
+def _near_chance(task: dict) -> str:
+    return (
+        f"{_task_label(task)}: every trial's accuracy within {100 * NEAR_CHANCE:.0f} points "
+        f"of chance ({100 * task['chance']:.3g}%; best {100 * task['best_accuracy']:.3g}% over "
+        f"{task['points']} points): too noisy to predict, not fitted."
+    )
+
+
+def task_section(study: StudyAnalysis) -> list[Block]:
+    """Predicted 8B accuracy per task and mix, the mixes' differences beside the paper's,
+    the backtest per task, and the tasks too close to chance to fit."""
+    if not study.tasks:
+        return []
+    fitted = [t for t in study.tasks if t["status"] == "fitted"]
+    out = [Block("h2", "Downstream tasks at 8B"), Block("p", TASK_TEXT)]
+    if fitted:
+        out += _task_predictions(fitted) + _task_differences(fitted) + _task_backtests(fitted)
+    out += [Block("p", _near_chance(t)) for t in study.tasks if t["status"] == "near chance"]
+    notes = [n for t in fitted for n in t["notes"]]
+    notes += [f"backtest: {n}" for t in fitted for n in t["backtest"]["notes"]]
+    return out + [Block("p", note) for note in dict.fromkeys(notes)]
 
 
 def _rope(fraction: float) -> str:

@@ -1,8 +1,9 @@
 """A study's whole analysis: every fit per layer mix, with bootstrap intervals, and what
 they predict at the paper's scale. Fits use one point per (mix, N, D), the envelope of
 the best-tuned trials; each fit and prediction carries its diagnostic flags; a backtest
-refits without the largest trials and predicts them. Where points are too few, the reason
-replaces the fit."""
+refits without the largest trials and predicts them; each downstream task the trials
+measured gets its own two-step fit (analysis/task_study.py). Where points are too few, the
+reason replaces the fit."""
 
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -27,6 +28,7 @@ from analysis.fit import FitError, LawFit, fit_nd, interval
 from analysis.frontier import bootstrap_frontier, fit_frontier
 from analysis.isoflop import IsoFlopFit, bootstrap_isoflop, fit_isoflop
 from analysis.table import Mix, by_mix, columns
+from analysis.task_study import analyze_tasks
 from arch.allocation import MAMBA2
 
 
@@ -91,6 +93,7 @@ class StudyAnalysis:
     compute_grid: np.ndarray
     notes: list[str]
     backtest: dict  # held-out trials predicted from refits without them
+    tasks: list[dict]  # per downstream task: predicted 8B accuracy, or why not fitted
 
 
 def _estimate(point: float, samples: np.ndarray) -> dict:
@@ -290,4 +293,5 @@ def analyze(
         compute_grid=grid,
         notes=notes,
         backtest=backtest([(m.mix, m.rows) for m in mixes], holdout, resamples, seed),
+        tasks=analyze_tasks([r for m in mixes for r in m.rows], resamples, seed, holdout),
     )

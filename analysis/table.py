@@ -5,9 +5,11 @@ final metrics the trainer writes on every trial run. Each row: trial, pattern, p
 tokens D (those actually trained), training FLOPs per token, compute C =
 flops_per_token * D, val_loss, the layer mix it belongs to; the training settings (lr,
 seed, and the other knobs as ``setting``), rotary_fraction, epochs over the training
-corpus (NaN where the trainer did not log it) and every probe_*_acc metric.
+corpus (NaN where the trainer did not log it) and every task metric: each probe's and
+local task's accuracy and answer loss, and a local task's chance accuracy.
 """
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +62,10 @@ def mix_of(pattern: str, attention_ratio: float = 0.0, mlp_ratio: float = 0.0) -
     return Mix(ssm, round(pattern.count(ATTENTION) / n, 4), round(pattern.count(MLP) / n, 4))
 
 
+# probe_<name>_acc and _bpb (data/evaluate.py probe_scores), task_<name>_acc, _bpb and
+# _chance (task_scores): (kind, name, measure)
+TASK_METRIC = re.compile(r"^(probe|task)_(.+)_(acc|bpb|chance)$")
+
 # Training params that are not hyperparameters: seed is averaged over, tokens define D,
 # the rest change how a step is computed, not what it computes.
 NOT_SETTINGS = {"seed", "lr", "tokens", "tokens_per_param", "micro_batch_size",
@@ -80,7 +86,7 @@ def trial_row(
 ) -> dict:
     """One row of the tidy table; ``flops`` is the trial's whole training compute.
     ``extra`` overrides the defaults of the optional fields (lr, seed, setting,
-    rotary_fraction, epochs) and adds probe_*_acc metrics."""
+    rotary_fraction, epochs) and adds task metrics (TASK_METRIC)."""
     return {
         "trial": trial,
         "pattern": pattern,
@@ -118,7 +124,7 @@ def _row(record: TrialRun) -> dict:
         setting=_setting(params),
         rotary_fraction=float(params.get("model.rotary_fraction", 0)),
         epochs=float(metrics.get("epochs", np.nan)),
-        **{k: v for k, v in metrics.items() if k.startswith("probe_") and k.endswith("_acc")},
+        **{k: v for k, v in metrics.items() if TASK_METRIC.match(k)},
     )
 
 

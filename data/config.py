@@ -1,12 +1,15 @@
-"""The data's typed config: the corpus, its tokenizer, the sequences and the probe tasks."""
+"""The data's typed config: the corpus, its tokenizer, the sequences, the probe tasks and
+local multiple-choice tasks."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import PositiveInt, model_validator
+from pydantic import PositiveInt, StringConstraints, model_validator
 
-from arch.config import Count, Ratio, StrictModel
+from arch.config import Count, Ratio, StrictModel, omitted_at_default
 
 ProbeName = Literal["mqar", "phonebook", "copy", "selective_copy"]  # data/probes.py
+# A task's name becomes part of its metrics' names, task_<name>_bpb
+TaskName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
 
 class DataConfig(StrictModel):
@@ -27,6 +30,9 @@ class DataConfig(StrictModel):
     probes: dict[ProbeName, Ratio] = {}
     eval_tokens: Count = 32768  # validation tokens per evaluation
     probe_examples: PositiveInt = 64  # held-out examples per probe per evaluation
+    # Local multiple-choice tasks, name -> JSON or JSONL file (data/tasks.py), each scored
+    # at every evaluation as task_<name>_bpb and task_<name>_acc
+    tasks: dict[TaskName, str] = omitted_at_default({})
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

@@ -1,5 +1,6 @@
 """What the trainer measures at intervals and at the end: validation loss, bits per byte
-(comparable across tokenizers), and probe accuracy and answer loss."""
+(comparable across tokenizers), probe accuracy and answer loss, and local tasks' accuracy
+and answer loss."""
 
 import math
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from data.loader import TokenWindows
 from data.probes import EVAL_STREAM, IGNORE, probe_batch
+from data.tasks import PreparedTask
 
 BATCH_TOKENS = 8192  # tokens per forward pass: bounds the logits' memory at large vocabularies
 
@@ -68,3 +70,31 @@ def probe_scores(
         )
         answers += sum(len(row_spans) for row_spans in spans)
     return {"acc": correct / answers, "bpb": bits_per_byte(nats, n_bytes)}
+
+
+@torch.no_grad()
+def task_scores(
+    model, task: PreparedTask, eot: int, token_bytes: np.ndarray, seq_len: int,
+    device: torch.device,
+) -> dict:  # fmt: skip
+    """Every choice of every example scored as the question's continuation: ``acc``, the
+    share of examples whose correct choice has the lowest loss (summed over its tokens, as
+    lm-evaluation-harness's acc), and ``bpb``, the correct choice's loss in bits per byte of
+    its text, averaged over examples (OLMo's model ladder's task loss); ``chance``, a
+    uniform guess's accuracy, for the analysis to tell a task it cannot predict."""
+    nats = np.empty(task.pairs)
+    rows_per_batch = max(1, BATCH_TOKENS // seq_len)
+    for first in range(0, task.pairs, rows_per_batch):
+        pairs = range(first, min(first + rows_per_batch, task.pairs))
+        inputs, targets = task.rows(pairs, eot, seq_len)
+        logits = model(inputs.to(device)).float()
+        losses = F.cross_entropy(logits.transpose(1, 2), targets.to(device), reduction="none")
+        nats[first : pairs.stop] = losses.sum(-1).cpu().numpy()
+    n_bytes = np.array([token_bytes[task.choice_tokens(p)].sum() for p in range(task.pairs)])
+    # each example's choice of lowest loss (the first, on a tie)
+    hits = [task.correct[pairs[np.argmin(nats[pairs])]] for pairs in task.by_example()]
+    return {
+        "acc": float(np.mean(hits)),
+        "bpb": float(np.mean(nats[task.correct] / n_bytes[task.correct]) / math.log(2)),
+        "chance": task.chance,
+    }

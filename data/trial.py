@@ -11,10 +11,11 @@ import torch
 
 from data.config import DataConfig
 from data.corpus import resolve_sources
-from data.evaluate import probe_scores, validation_metrics
+from data.evaluate import probe_scores, task_scores, validation_metrics
 from data.loader import TokenWindows
 from data.probes import TRAIN_STREAM, example, probe_row
 from data.shards import prepare_shards, read_split
+from data.tasks import PreparedTask, check_fits, prepare_task
 from data.tokenizer import tokenizer_for
 
 
@@ -25,6 +26,7 @@ class TrialData:
     train: TokenWindows
     val: TokenWindows
     folder: Path  # the shard folder, with its manifest
+    tasks: dict[str, PreparedTask]  # the local tasks, prepared
     _ahead: tuple | None = None  # ((seed, step, batch_size), the future drawing it)
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1), repr=False)
 
@@ -63,8 +65,9 @@ class TrialData:
         return torch.from_numpy(inputs), torch.from_numpy(targets)
 
     def evaluate(self, model, device: torch.device) -> dict:
-        """val_loss, val_bpb, and probe_<name>_acc and probe_<name>_bpb for each configured
-        probe."""
+        """val_loss, val_bpb, probe_<name>_acc and probe_<name>_bpb for each configured
+        probe, and task_<name>_acc, task_<name>_bpb and task_<name>_chance for each local
+        task."""
         config = self.config
         metrics = validation_metrics(model, self.val, self.token_bytes, config.eval_tokens, device)
         for name in config.probes:
@@ -72,11 +75,17 @@ class TrialData:
                 model, name, self.tokenizer, config.seq_len, device, config.probe_examples
             )
             metrics |= {f"probe_{name}_{key}": value for key, value in scores.items()}
+        for name, task in self.tasks.items():
+            scores = task_scores(
+                model, task, self.tokenizer.eot, self.token_bytes, config.seq_len, device
+            )
+            metrics |= {f"task_{name}_{key}": value for key, value in scores.items()}
         return metrics
 
 
 def open_data(config: DataConfig, data_dir: Path) -> TrialData:
-    """The trial's data; tokenizer and shards are built under data_dir the first time."""
+    """The trial's data; tokenizer, shards and tasks are prepared under data_dir the first
+    time."""
     return _open(config.model_dump_json(), str(data_dir))
 
 
@@ -88,4 +97,8 @@ def _open(config_json: str, data_dir: str) -> TrialData:
     folder = prepare_shards(sources, tokenizer, config.text_field, config.val_fraction, data_dir)
     train = TokenWindows(read_split(folder, "train"), config.seq_len, "train")
     val = TokenWindows(read_split(folder, "val"), config.seq_len, "validation")
-    return TrialData(config, tokenizer, train, val, folder)
+    tasks = {name: prepare_task(name, path, tokenizer, Path(data_dir))
+             for name, path in config.tasks.items()}  # fmt: skip
+    for name, task in tasks.items():
+        check_fits(name, task, config.seq_len)
+    return TrialData(config, tokenizer, train, val, folder, tasks)

@@ -129,7 +129,7 @@ def summary_rows(
             "flops": record.flops if record else 0.0,
             "val_loss": metrics.get(VAL_LOSS_METRIC),
             "val_bpb": metrics.get("val_bpb"),
-            **{k: v for k, v in metrics.items() if k.startswith("probe_")},
+            **{k: v for k, v in metrics.items() if k.startswith(("probe_", "task_"))},
             "status": status,
             "reason": (record and record.reason) or (outcome.reason if outcome else ""),
             "run_id": record.run_id if record else "",

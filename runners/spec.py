@@ -28,6 +28,7 @@ from pydantic import (
 from arch.accounting import param_counts
 from arch.config import Count, Pattern, Ratio, StrictModel
 from data.corpus import DataError
+from data.tasks import read_examples
 from data.tokenizer import vocabulary_size
 from runners.config import TrialConfig
 from runners.search_schema import Search
@@ -201,6 +202,7 @@ def load_spec(path: str | Path) -> tuple[StudySpec, list[TrialConfig]]:
     trials = expand(spec, path)
     _check_workers(spec, trials, path)
     _check_vocabulary(trials, path)
+    _check_tasks(trials, path)
     return spec, trials
 
 
@@ -229,6 +231,7 @@ def load_trial(path: str | Path, overrides: list[str] = ()) -> TrialConfig:
     except ValidationError as err:
         raise SpecError(_describe(path, err)) from None
     _check_vocabulary([trial], path)
+    _check_tasks([trial], path)
     return trial
 
 
@@ -421,6 +424,15 @@ def _check_vocabulary(trials: list[TrialConfig], path: Path) -> None:
                 f"{path}: model.vocab_size: {trial.model.vocab_size} is smaller than the "
                 f"{needed} tokens of {tokenizer.get(trial.data.tokenizer, trial.data.tokenizer)}"
             )
+
+
+def _check_tasks(trials: list[TrialConfig], path: Path) -> None:
+    """Every local task's file is there and holds well-formed examples."""
+    for name, file in {item for t in trials for item in t.data.tasks.items()}:
+        try:
+            read_examples(name, file)
+        except DataError as err:
+            raise SpecError(f"{path}: {err}") from None
 
 
 def _show(value: Any) -> str:

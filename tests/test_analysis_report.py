@@ -1,5 +1,7 @@
 """`hybridscale analyze` on a real sqlite MLflow store holding runs tagged as the trainer
-tags them: the report is written, holds its figures, and is logged to the parent run."""
+tags them: the report is written, holds its figures, and is logged to the parent run; its
+task table recovers a local task's known law and sigmoids at 8B and lists a probe at
+chance as unfitted."""
 
 import json
 from pathlib import Path
@@ -22,17 +24,43 @@ LAWS = {
 }
 
 
+# A local multiple-choice task (chance 0.25): its loss law per mix, its sigmoid per family.
+TASK_LAWS = {
+    "*-*-": {"E": 0.5, "A": 60.0, "B": 200.0, "alpha": 0.3, "beta": 0.3},
+    "M*M-": {"E": 0.45, "A": 60.0, "B": 180.0, "alpha": 0.3, "beta": 0.3},
+}
+SIGMOIDS = {"*-*-": {"a": 0.7, "k": -4.0, "L0": 1.2, "b": 0.25},
+            "M*M-": {"a": 0.65, "k": -5.0, "L0": 1.1, "b": 0.25}}  # fmt: skip
+MIX_LABELS = {"*-*-": "Transformer", "M*M-": "Mamba-2-Hybrid (attn 0.25, mlp 0.25)"}
+
+
 def law(p, n, d):
     return p["E"] + p["A"] / n ** p["alpha"] + p["B"] / d ** p["beta"]
 
 
-def trial_run(client, exp, parent, trial, pattern, params, tokens, loss, status="finished"):
+def sigmoid(p, loss):
+    return p["a"] / (1 + np.exp(-p["k"] * (loss - p["L0"]))) + p["b"]
+
+
+def task_metrics(rng, pattern, n, d) -> dict:
+    """The local task's loss and accuracy drawn about the truth, and a probe at chance."""
+    loss = law(TASK_LAWS[pattern], n, d) * np.exp(rng.normal(0, 0.003))
+    return {"task_quiz_bpb": loss, "task_quiz_chance": 0.25,
+            "task_quiz_acc": sigmoid(SIGMOIDS[pattern], loss) + rng.normal(0, 0.005),
+            "probe_mqar_bpb": 3.0 + rng.normal(0, 0.1),
+            "probe_mqar_acc": rng.uniform(0, 0.03)}  # fmt: skip
+
+
+def trial_run(
+    client, exp, parent, trial, pattern, params, tokens, loss, status="finished", **metrics
+):
     tags = {"kind": "trial", "hybridscale.study": "e2e", "hybridscale.trial_id": trial,
             "hybridscale.pattern": pattern, "hybridscale.params": params,
             "hybridscale.flops_per_token": 6 * params, "hybridscale.tokens": tokens,
             "hybridscale.status": status, "mlflow.parentRunId": parent}  # fmt: skip
     run = client.create_run(exp, tags={k: str(v) for k, v in tags.items()})
-    client.log_metric(run.info.run_id, "val_loss", loss)
+    for key, value in {"val_loss": loss, **metrics}.items():
+        client.log_metric(run.info.run_id, key, value)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +79,7 @@ def store(tmp_path_factory):
                 d = c / (6 * n)
                 loss = law(p, n, d) * np.exp(rng.normal(0, 0.002))
                 trial_run(client, exp, parent, f"{pattern}-{c:.0e}-{n:.0e}", pattern, int(n),
-                          int(d), loss)  # fmt: skip
+                          int(d), loss, **task_metrics(rng, pattern, int(n), int(d)))  # fmt: skip
     # A mix with two sizes only, and a failed trial that must not count.
     for i, n in enumerate([1e7, 2e7, 1e7]):
         trial_run(client, exp, parent, f"mamba-{i}", "MMMM", int(n), int(20 * n), 3.0 + i)
@@ -215,3 +243,41 @@ def test_holdout_backtests_the_trials_above_a_compute(store, tmp_path):
     rows = markdown_table((tmp_path / "report.md").read_text(), "mix | trial | N | D | observed")
     assert [r["trial"] for r in rows] == [t["trial"] for t in backtest["trials"]]
     assert all(r["trial"].split("-")[-2] == "1e+20" for r in rows)
+
+
+def test_task_table_recovers_the_task_laws_and_sigmoids_at_8b(store):
+    _, _, out = store
+    summary = json.loads((out / "summary.json").read_text())
+    quiz, mqar = summary["tasks"]  # sorted: the probe first
+    quiz, mqar = (mqar, quiz) if quiz["task"] == "mqar" else (quiz, mqar)
+    assert (quiz["status"], quiz["chance"]) == ("fitted", 0.25)
+    truth = {}
+    for p in quiz["predictions"]:
+        pattern = next(k for k, label in MIX_LABELS.items() if label == p["mix"])
+        loss = law(TASK_LAWS[pattern], p["N"], p["D"])
+        truth[p["mix"], p["D"]] = accuracy = sigmoid(SIGMOIDS[pattern], loss)
+        assert p["loss"]["lo"] <= loss <= p["loss"]["hi"], p
+        assert p["accuracy"]["lo"] <= accuracy <= p["accuracy"]["hi"], p
+        assert p["accuracy"]["value"] == pytest.approx(accuracy, abs=0.01)
+    assert len(truth) == 4  # two mixes at 1.1T and 3.5T tokens
+    for family, params in quiz["fits"]["accuracy"].items():
+        pattern = {"Transformer": "*-*-", "Mamba-2-Hybrid": "M*M-"}[family]
+        for name, value in SIGMOIDS[pattern].items():
+            assert params[name]["lo"] <= value <= params[name]["hi"], (family, name)
+    for c in quiz["differences"]:  # the Transformer against the hybrid, each at its 8B size
+        diff = truth[c["a"], c["tokens"]] - truth[c["b"], c["tokens"]]
+        assert c["diff"]["lo"] <= diff <= c["diff"]["hi"]
+    backtest = quiz["backtest"]["summary"]
+    assert backtest["loss"]["total"] == 8 and backtest["loss"]["max_abs_error_pct"] < 2
+    assert backtest["accuracy"]["max_abs_error_points"] < 3
+    # The report's table: a row per mix, the accuracy columns holding the summary's numbers.
+    markdown = (out / "report.md").read_text()
+    rows = {r["mix"]: r for r in markdown_table(markdown, "task | mix | reach")}
+    assert set(rows) == set(MIX_LABELS.values()) and rows["Transformer"]["task"] == "quiz"
+    first = next(p for p in quiz["predictions"] if p["mix"] == "Transformer")
+    assert rows["Transformer"]["accuracy at 1.1T"].startswith(f"{first['accuracy']['value']:.4g} [")
+    (held,) = markdown_table(markdown, "task | held out")
+    assert held["held out"] == "8"
+    # The probe at chance is listed, not fitted.
+    assert mqar["status"] == "near chance" and "predictions" not in mqar
+    assert "mqar (probe): every trial's accuracy within 5 points of chance" in markdown

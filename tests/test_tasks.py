@@ -84,12 +84,19 @@ def test_predicts_a_larger_models_accuracy_within_its_interval(ladder, name):
 
 
 def test_backtest_predicts_the_held_out_largest_size(ladder):
-    result = backtest_task(ladder_rows(seed=1), "t", LOSS, ACC, None, RESAMPLES, seed=1)
+    rows = {r["trial"]: r for r in ladder_rows(seed=1)}
+    result = backtest_task(list(rows.values()), "t", LOSS, ACC, None, RESAMPLES, seed=1)
     held = result["trials"]
     assert len(held) == len(TRUE) * len(TOKENS_PER_PARAM)
     assert {r["N"] for r in held} == {SIZES[-1]}
-    assert result["summary"]["inside"] == len(held)
-    assert result["summary"]["mean_abs_error_pct"] < 5
+    loss, accuracy = result["summary"]["loss"], result["summary"]["accuracy"]
+    assert loss["inside"] == accuracy["inside"] == len(held)
+    assert loss["mean_abs_error_pct"] < 1 and accuracy["mean_abs_error_points"] < 2
+    for t in held:  # the trial's own task loss and accuracy, the accuracy error in points
+        assert (t["observed"], t["accuracy"]["observed"]) == (rows[t["trial"]][LOSS],
+                                                             rows[t["trial"]][ACC])  # fmt: skip
+        error = 100 * (t["accuracy"]["predicted"]["value"] - t["accuracy"]["observed"])
+        assert t["accuracy"]["error_points"] == pytest.approx(error)
 
 
 def test_paper_predictions_at_both_token_counts(ladder):
