@@ -10,7 +10,9 @@ from collections import defaultdict
 
 import torch
 from gpu_util import kernel_times  # bench/, beside these scripts
-from train_throughput import builds, train_step
+from train_throughput import baseline, ours, train_step
+
+from arch.model import HybridLM
 
 # Kernel-name fragments to group by, first match wins.
 GROUPS = {
@@ -50,7 +52,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20, help="how many kernels to list")
     args = parser.parse_args()
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    models = builds(args.size)
+    models = {"nanogpt": lambda: baseline(args.size)}
+    models |= {name: lambda c=c: HybridLM(c) for name, c in ours(args.size).items()}
     for name in args.models:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()

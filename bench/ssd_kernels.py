@@ -1,14 +1,20 @@
 """Mamba-2's SSD scan on the GPU: our Triton kernels against mamba_ssm's, side by side.
 
-For each sequence length, forward and forward+backward time (median ms, triton's
-do_bench) of: our Triton kernels (arch/kernels), our PyTorch reference arch.ssd (eager),
-and mamba_ssm's Triton ``mamba_chunk_scan_combined``, the baseline; each
-with its ratio to the baseline (below 1: faster) and its largest deviation from it. Then
-one decode step (ours, mamba_ssm's ``selective_state_update``, the reference). Prints a
-markdown table; --out writes the rows as JSON.
+For each shape, forward and forward+backward time (median ms, triton's do_bench) of: our
+Triton kernels (arch/kernels), our PyTorch reference arch.ssd (eager), mamba_ssm's Triton
+``mamba_chunk_scan_combined``, the baseline, and, where fla-core is installed,
+flash-linear-attention's ``chunk_simple_gla`` (the same scalar-decay recurrence: q = C,
+k = B, v = dt x, log decay dt A; its chunk is its own, 64); each with its ratio to the
+baseline (below 1: faster) and its largest deviation from it. Then one decode step (ours,
+mamba_ssm's ``selective_state_update``, the reference). Prints a markdown table; --out
+writes the rows as JSON.
 
     python bench/ssd_kernels.py [--batch 8] [--seqlens 2048 4096 8192] [--groups 1 8]
-                                [--profile] [--no-extras] [--no-reference] [--out FILE]
+                                [--small] [--profile] [--no-extras] [--no-reference]
+                                [--out FILE]
+
+--small: instead of that grid, the scaling studies' shapes (scaling_1gpu's Mamba heads:
+headdim 32, d_state 64, chunk 64, batch 32) at d_model --d-models x --seqlens.
 
 mamba_ssm's Triton files (state-spaces/mamba, mamba_ssm/ops/triton + the two small utils
 they import, and einops) live in the git-ignored .vendor/, put there by hand; they need no
@@ -41,9 +47,14 @@ try:
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 except ImportError as err:
     sys.exit(f"mamba_ssm's Triton files are not importable from .vendor/: {err}")
+try:  # fla-core, an optional extra (pip install -e '.[fla]')
+    from fla.ops.simple_gla import chunk_simple_gla
+except ImportError:
+    chunk_simple_gla = None
 
 
 BASELINE = "mamba_ssm (baseline)"
+GLA = "fla chunk_simple_gla"
 EPS = 1e-5
 DEVICE = "cuda"
 
@@ -52,6 +63,29 @@ def mamba_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus):
     return mamba_chunk_scan_combined(
         x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
     )
+
+
+def gla_inputs(x, dt, A, B, C, dt_bias, dt_softplus, **_) -> dict:
+    """The scan's inputs as chunk_simple_gla's: q = C and k = B per head, v = dt x, and
+    the log decay dt A (fp32)."""
+    dt = dt.float() + dt_bias
+    dt = F.softplus(dt) if dt_softplus else dt
+    per_group = x.shape[2] // B.shape[2]
+    return {"q": C.repeat_interleave(per_group, 2), "k": B.repeat_interleave(per_group, 2),
+            "v": (x * dt[..., None]).to(x.dtype), "g": dt * A}  # fmt: skip
+
+
+def gla_core(q, k, v, g):
+    return chunk_simple_gla(q, k, v, g=g, scale=1.0)[0]
+
+
+def gla_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus):
+    """mamba_chunk_scan_combined's output through chunk_simple_gla: its kernels for the
+    recurrence, eager PyTorch for dt's softplus, the D skip and the z gate around it (the
+    row's kernel_* columns time the kernels alone)."""
+    inputs = gla_inputs(x, dt, A, B, C, dt_bias, dt_softplus)
+    y = gla_core(**inputs) + x * D[:, None].to(x.dtype)
+    return y * F.silu(z)
 
 
 def scan_inputs(batch, seqlen, heads, headdim, groups, dstate) -> dict:
@@ -130,36 +164,54 @@ def scan_work(batch, seqlen, heads, headdim, groups, dstate, chunk) -> tuple[flo
     return flops, 2 * elements
 
 
-def bench_scan(args) -> list[dict]:
-    def scan(fn):
-        return partial(fn, chunk_size=args.chunk, dt_softplus=True)
+def shapes(args) -> list[tuple[str, tuple, int]]:
+    """(label, (batch, seqlen, heads, headdim, groups, dstate), chunk) of each scan timed:
+    --groups x --seqlens at --heads, or with --small the scaling studies' shapes."""
+    if args.small:
+        return [(f"ssd scan, d_model {d}", (32, seqlen, 2 * d // 32, 32, 1, 64), 64)
+                for d in args.d_models for seqlen in args.seqlens]  # fmt: skip
+    return [(f"ssd scan, {groups} group(s)",
+             (args.batch, seqlen, args.heads, args.headdim, groups, args.dstate), args.chunk)
+            for groups in args.groups for seqlen in args.seqlens]  # fmt: skip
 
-    impls = {BASELINE: scan(mamba_scan), "ours triton": scan(ssd_chunked_triton)}
-    if not args.no_reference:
-        impls["ref torch eager"] = scan(ssd_chunked)
+
+def bench_scan(args) -> list[dict]:
     rows = []
-    for groups in args.groups:
-        for seqlen in args.seqlens:
-            torch.manual_seed(0)
-            shape = (args.batch, seqlen, args.heads, args.headdim, groups, args.dstate)
-            inputs = scan_inputs(*shape)
-            flops, nbytes = scan_work(*shape, args.chunk)
-            op = f"ssd scan, {groups} group(s)"
-            for row in compare(op, seqlen, impls, inputs):
-                if "fwd_ms" in row:  # backward: ~2x the forward's FLOPs, ~2x its bytes
-                    row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
-                    row["fwd_bwd_tflops"] = 3 * flops / row["fwd_bwd_ms"] / 1e9
-                    row["fwd_gbs"] = nbytes / row["fwd_ms"] / 1e6
-                    row["fwd_bwd_gbs"] = 3 * nbytes / row["fwd_bwd_ms"] / 1e6
-                rows.append(row)
-            shape_rows = {row["impl"]: row for row in rows[-len(impls) :]}
-            ours, ref = shape_rows["ours triton"], shape_rows.get("ref torch eager", {})
-            if "fwd_ms" in ours and "fwd_ms" in ref:
-                ours["ref_over_ours"] = ref["fwd_ms"] / ours["fwd_ms"]
-                ours["ref_over_ours_bwd"] = ref["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
-            if args.profile:
-                for name in ("ours triton", BASELINE):
-                    profile(impls[name], inputs, f"{op}, seqlen {seqlen}, {name}")
+    for op, shape, chunk in shapes(args):
+
+        def scan(fn, chunk=chunk):
+            return partial(fn, chunk_size=chunk, dt_softplus=True)
+
+        impls = {BASELINE: scan(mamba_scan), "ours triton": scan(ssd_chunked_triton)}
+        if chunk_simple_gla is not None:
+            impls[GLA] = scan(gla_scan)
+        if not args.no_reference:
+            impls["ref torch eager"] = scan(ssd_chunked)
+        seqlen = shape[1]
+        torch.manual_seed(0)
+        inputs = scan_inputs(*shape)
+        flops, nbytes = scan_work(*shape, chunk)
+        for row in compare(op, seqlen, impls, inputs):
+            if "fwd_ms" in row:  # backward: ~2x the forward's FLOPs, ~2x its bytes
+                row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+                row["fwd_bwd_tflops"] = 3 * flops / row["fwd_bwd_ms"] / 1e9
+                row["fwd_gbs"] = nbytes / row["fwd_ms"] / 1e6
+                row["fwd_bwd_gbs"] = 3 * nbytes / row["fwd_bwd_ms"] / 1e6
+            rows.append(row)
+        shape_rows = {row["impl"]: row for row in rows[-len(impls) :]}
+        ours, ref = shape_rows["ours triton"], shape_rows.get("ref torch eager", {})
+        if "fwd_ms" in ours and "fwd_ms" in ref:
+            ours["ref_over_ours"] = ref["fwd_ms"] / ours["fwd_ms"]
+            ours["ref_over_ours_bwd"] = ref["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+        if "fwd_ms" in shape_rows.get(GLA, {}):
+            kernels = time_op(gla_core, gla_inputs(**inputs, dt_softplus=True))
+            shape_rows[GLA]["kernel_fwd_ms"] = kernels["fwd_ms"]
+            shape_rows[GLA]["kernel_fwd_bwd_ms"] = kernels["fwd_bwd_ms"]
+            if "fwd_ms" in ours:
+                ours["vs_gla_kernels"] = ours["fwd_bwd_ms"] / kernels["fwd_bwd_ms"]
+        if args.profile:
+            for name in ("ours triton", BASELINE):
+                profile(impls[name], inputs, f"{op}, seqlen {seqlen}, {name}")
     return rows
 
 
@@ -272,7 +324,8 @@ def table(rows: list[dict]) -> str:
         return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
     cols = ["op", "seqlen", "impl", "fwd_ms", "fwd_vs_baseline", "fwd_bwd_ms",
-            "fwd_bwd_vs_baseline", "fwd_tflops", "fwd_bwd_tflops", "fwd_gbs", "fwd_bwd_gbs",
+            "fwd_bwd_vs_baseline", "kernel_fwd_ms", "kernel_fwd_bwd_ms", "vs_gla_kernels",
+            "fwd_tflops", "fwd_bwd_tflops", "fwd_gbs", "fwd_bwd_gbs",
             "ref_over_ours", "ref_over_ours_bwd", "max_rel_dev", "error"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
@@ -288,6 +341,8 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dstate", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--small", action="store_true", help="the scaling studies' shapes")
+    parser.add_argument("--d-models", type=int, nargs="+", default=[128, 256, 512, 1024])
     parser.add_argument("--profile", action="store_true", help="kernel times, ours and baseline")
     parser.add_argument("--no-extras", action="store_true", help="the scan only")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow reference")

@@ -1,29 +1,50 @@
-"""Training throughput of Transformer, Mamba-2 and hybrid models at equal-ish size,
-beside a plain nanoGPT-style Transformer of the same shape (bench/baseline_gpt.py).
+"""Training throughput of Transformer, Mamba-2 and hybrid models at equal-ish size, each
+trained by the study's own trainer (runners.train, through bench/trainer_path.py) with the
+study's defaults, beside a plain nanoGPT-style Transformer of the same shape in its own
+compiled loop (bench/baseline_gpt.py): the figures a study gets, in one run.
 
-Forward + backward + fused AdamW step, bf16 autocast, torch.compile, on the GPU. Prints
-one JSON line per model with tokens/s, MFU (training FLOPs per token against the GPU's
-dense bf16 peak: 6N + 12 layers d L for attention models, arch.accounting's count for
-Mamba layers) and the ratios to the baseline and to our Transformer, all from this run.
+Prints one JSON line per measurement, then a table: tokens/s (median over the steps after
+the first five), MFU (training FLOPs per token against the GPU's dense bf16 peak: 6N + 12
+layers d L for attention models, arch.accounting's count for Mamba layers), the first
+step's seconds (compiling, autotuning) and ratios to the baseline, to our Transformer at
+the same compile setting and to the same model eager.
 
-    python bench/train_throughput.py [--sizes 125m 350m] [--batch 16] [--steps 20] [--out FILE]
+    python bench/train_throughput.py [--sizes 125m 350m d224x16] [--batch 16]
+        [--seq-len 2048] [--steps 20] [--compile auto true false graphs] [--models ...]
+        [--work DIR] [--out FILE]
+
+--compile: training.compile of our models, several to compare (auto: what a study does).
+--work: data, compile and autotune caches, shared by the runs that name it (default: a
+fresh temporary folder).
 """
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from baseline_gpt import GPT  # bench/, beside this script
+from trainer_path import WARMUP, medians, train_steps
 
-from arch.accounting import flops_per_token, param_counts
+from arch.accounting import param_counts
 from arch.config import ModelConfig
-from arch.model import HybridLM
 from runners.train import peak_flops
 
 DEFAULT_MODELS = ["nanogpt", "transformer", "mamba2", "hybrid"]
-SHAPES = {"125m": (768, 12, 24), "350m": (1024, 16, 48)}  # d_model, heads, Transformer layers
+# d_model, heads, Transformer layers, and the rest of the shape: the paper's at 125M and
+# 350M; scaling_1gpu's (byte vocabulary, small SSM heads) at its sizes s3 and s5, where a
+# step is bound by launching kernels.
+_PAPER = {"vocab_size": 50304, "d_state": 128, "ssm_headdim": 64}
+_SCALING_1GPU = {"vocab_size": 264, "d_state": 64, "ssm_headdim": 32, "chunk_size": 64}
+SHAPES = {
+    "125m": (768, 12, 24, _PAPER),
+    "350m": (1024, 16, 48, _PAPER),
+    "d128x12": (128, 4, 12, _SCALING_1GPU),
+    "d224x16": (224, 7, 16, _SCALING_1GPU),
+}
 
 
 def matched(make, target: int) -> ModelConfig:
@@ -34,13 +55,14 @@ def matched(make, target: int) -> ModelConfig:
 
 
 def configs(size: str) -> dict[str, ModelConfig]:
-    d, heads, n = SHAPES[size]
-    common = dict(d_model=d, n_heads=heads, vocab_size=50304, d_state=128, ssm_headdim=64)
+    d, heads, n, rest = SHAPES[size]
+    common = dict(d_model=d, n_heads=heads, **rest)
     transformer = ModelConfig(
         pattern="*-" * (n // 2), mlp_activation="squared_relu", rotary_fraction=0.5, **common
     )  # fmt: skip
     target = param_counts(transformer)["total"]
-    hybrid = dict(attention_ratio=0.08, mlp_ratio=0.5, n_kv_heads=4, mlp_activation="gelu")
+    hybrid = dict(attention_ratio=0.08, mlp_ratio=0.5, mlp_activation="gelu")
+    hybrid["n_kv_heads"] = 4 if heads % 4 == 0 else heads
     return {
         "transformer": transformer,
         "mamba2": matched(lambda k: ModelConfig(pattern="M" * k, **common), target),
@@ -49,23 +71,20 @@ def configs(size: str) -> dict[str, ModelConfig]:
 
 
 def baseline(size: str) -> GPT:
-    d, heads, n = SHAPES[size]
-    return GPT(vocab=50304, d=d, n_layer=n // 2, heads=heads)
+    d, heads, n, rest = SHAPES[size]
+    return GPT(vocab=rest["vocab_size"], d=d, n_layer=n // 2, heads=heads)
 
 
-def builds(size: str) -> dict:
-    """Model constructors by name: the nanoGPT-style baseline, ours (``configs``), and, asked
-    for by --models only: ours with Mamba layers on the PyTorch reference path instead of
-    the Triton kernels ("<name>_torch", slow), and our Transformer without RoPE, as the
-    baseline has no position embedding ("transformer_nope": what RoPE costs)."""
-    models = {"nanogpt": lambda: baseline(size)}
+def ours(size: str) -> dict[str, ModelConfig]:
+    """Our models by name (``configs``), and, asked for by --models only: ours with Mamba
+    layers on the PyTorch reference path instead of the Triton kernels ("<name>_torch",
+    slow), and our Transformer without RoPE, as the baseline has no position embedding
+    ("transformer_nope": what RoPE costs)."""
+    models = dict(configs(size))
     for name, c in configs(size).items():
-        models[name] = lambda c=c: HybridLM(c)
         if "M" in c.pattern:
-            torch_path = c.model_copy(update={"ssd_impl": "torch"})
-            models[f"{name}_torch"] = lambda c=torch_path: HybridLM(c)
-    nope = configs(size)["transformer"].model_copy(update={"rotary_fraction": 0.0})
-    models["transformer_nope"] = lambda: HybridLM(nope)
+            models[f"{name}_torch"] = c.model_copy(update={"ssd_impl": "torch"})
+    models["transformer_nope"] = models["transformer"].model_copy(update={"rotary_fraction": 0.0})
     return models
 
 
@@ -94,7 +113,7 @@ def train_step(model: torch.nn.Module, batch: int, seq_len: int, compile: bool):
     return step
 
 
-def measure(model: torch.nn.Module, batch: int, seq_len: int, steps: int, compile: bool) -> dict:
+def measure(model: GPT, batch: int, seq_len: int, steps: int, compile: bool) -> dict:
     step = train_step(model, batch, seq_len, compile)
     for _ in range(3):  # compile and warm up
         step()
@@ -106,47 +125,95 @@ def measure(model: torch.nn.Module, batch: int, seq_len: int, steps: int, compil
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     tok_s = batch * seq_len / seconds
-    if isinstance(model, GPT):
-        flops, params, pattern = model.flops_per_token(seq_len), model_params(model), "gpt"
-    else:
-        config = model.config
-        flops = flops_per_token(config, seq_len)["training"]
-        params, pattern = param_counts(config)["total"], config.pattern
     peak = peak_flops(torch.device("cuda"))
     return {
-        "params": params, "pattern": pattern,
-        "batch": batch, "seq_len": seq_len, "ms_per_step": 1000 * seconds,
-        "tokens_per_s": tok_s, "mfu": tok_s * flops / peak if peak else None,
+        "params": sum(p.numel() for p in model.parameters()), "pattern": "gpt",
+        "batch": batch, "seq_len": seq_len, "tokens_per_s": tok_s,
+        "mfu": tok_s * model.flops_per_token(seq_len) / peak if peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
     }  # fmt: skip
 
 
-def measure_robustly(name, build, batch: int, seq_len: int, steps: int, compile: bool) -> dict:
-    """Halve the batch until it fits; measure eager (and say so) if compiling fails."""
+def measure_baseline(size: str, batch: int, seq_len: int, steps: int) -> dict:
+    """The baseline, compiled as nanoGPT trains; the batch halved until it fits, eager
+    (and saying so) if compiling fails."""
+    compile = True
     while batch >= 1:
         try:
-            return {**measure(build(), batch, seq_len, steps, compile), "compiled": compile}
+            return {**measure(baseline(size), batch, seq_len, steps, compile), "compile": compile}
         except torch.cuda.OutOfMemoryError:
-            print(f"# {name}: out of memory at batch {batch}")
+            print(f"# nanogpt: out of memory at batch {batch}")
             batch //= 2
         except Exception as err:  # a compiler failure: retry eager at the same batch
             if not compile:
                 raise
             message = str(err).strip().splitlines()
-            print(f"# {name}: compile failed: {message[-1] if message else err!r}")
+            print(f"# nanogpt: compile failed: {message[-1] if message else err!r}")
             compile = False
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     return {"error": "out of memory at batch 1"}
 
 
-def model_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def measure_ours(config: ModelConfig, work: Path, batch: int, seq_len: int, steps: int,
+                 compile: str | bool) -> dict:  # fmt: skip
+    """One trial through the trainer, the batch halved until it fits."""
+    while batch >= 1:
+        outcome, uri = train_steps(config, work, seq_len, batch, steps + WARMUP, compile=compile)
+        if outcome.status == "finished":
+            return {"params": param_counts(config)["total"], "pattern": config.pattern,
+                    "batch": batch, "seq_len": seq_len, "compile": compile,
+                    **medians(uri, outcome.run_id)}  # fmt: skip
+        if outcome.status != "oom":
+            return {"compile": compile, "error": f"{outcome.status}: {outcome.reason[:200]}"}
+        print(f"# {config.pattern[:16]}: out of memory at batch {batch}")
+        batch //= 2
+        torch.cuda.empty_cache()
+    return {"compile": compile, "error": "out of memory at batch 1"}
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Each row's tokens/s against the baseline and our Transformer of its size (the latter
+    at its compile setting), and against the same model eager."""
+    rate = {(r["size"], r["model"], r.get("compile")): r.get("tokens_per_s") for r in rows}
+    out = []
+    for r in rows:
+        refs = {"nanogpt": (r["size"], "nanogpt", True),
+                "transformer": (r["size"], "transformer", r.get("compile")),
+                "eager": (r["size"], r["model"], False)}  # fmt: skip
+        ratios = {
+            f"vs_{name}": r["tokens_per_s"] / rate[key]
+            for name, key in refs.items()
+            if r.get("tokens_per_s")
+            and rate.get(key)
+            and key != (r["size"], r["model"], r.get("compile"))
+        }
+        out.append({**r, **ratios})
+    return out
+
+
+COLUMNS = ["size", "model", "compile", "params", "batch", "tokens_per_s", "mfu", "first_step_s",
+           "vs_nanogpt", "vs_transformer", "vs_eager", "peak_memory_gb", "error"]  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if v < 100 else f"{v:,.0f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def setting(text: str) -> str | bool:
+    return {"true": True, "false": False}.get(text, text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", nargs="+", default=["125m"])
+    parser.add_argument("--sizes", nargs="+", default=["125m"], choices=list(SHAPES))
     parser.add_argument(
         "--models",
         nargs="+",
@@ -156,29 +223,29 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile", nargs="+", type=setting, default=["auto"],
+                        choices=["auto", True, False, "graphs"])  # fmt: skip
+    parser.add_argument("--work", type=Path)
     parser.add_argument("--out")
     args = parser.parse_args()
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    results = []
-    compile = not args.no_compile
+    work = args.work or Path(tempfile.mkdtemp(prefix="train_throughput-"))
+    rows = []
     for size in args.sizes:
-        rates = {}
-        for name, build in builds(size).items():
-            if name not in args.models:
-                continue
-            r = measure_robustly(name, build, args.batch, args.seq_len, args.steps, compile)
-            rates[name] = r.get("tokens_per_s")
-            r = {"size": size, "model": name, **r}
-            for ref in ("nanogpt", "transformer", name.removesuffix("_torch")):
-                if r.get("tokens_per_s") and rates.get(ref) and ref != name:
-                    r[f"vs_{ref}"] = r["tokens_per_s"] / rates[ref]
-            print(json.dumps(r), flush=True)
-            results.append(r)
-            torch.cuda.empty_cache()
-            if args.out:  # after every model, so a later crash loses nothing measured
-                with open(args.out, "w") as f:
-                    json.dump(results, f, indent=1)
+        todo = [("nanogpt", None)] if "nanogpt" in args.models else []
+        todo += [(name, c) for name, c in ours(size).items() if name in args.models]
+        for name, config in todo:
+            for compile in [True] if config is None else args.compile:
+                if config is None:
+                    r = measure_baseline(size, args.batch, args.seq_len, args.steps)
+                else:
+                    r = measure_ours(config, work, args.batch, args.seq_len, args.steps, compile)
+                rows.append({"size": size, "model": name, **r})
+                print(json.dumps(rows[-1]), flush=True)
+                torch.cuda.empty_cache()
+                if args.out:  # after every model, so a later crash loses nothing measured
+                    Path(args.out).write_text(json.dumps(with_ratios(rows), indent=1))
+    print(table(with_ratios(rows)))
 
 
 if __name__ == "__main__":

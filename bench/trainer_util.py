@@ -1,6 +1,6 @@
 """Is one GPU kept busy by the study's own trainer? The 350M hybrid of
-bench/data_parallel.py trained through ``runners.train`` on one GPU, eagerly (studies'
-default) and compiled, one after the other: tokens/s (median over the steps after the
+bench/data_parallel.py trained through ``runners.train`` on one GPU, eagerly (studies' default
+before compile: auto) and compiled, one after the other: tokens/s (median over the steps after the
 first five, from the run's MLflow metrics) and nvidia-smi utilisation while it trained
 (between its first and last step). A data-parallel trial's GPUs were ~44% idle while it
 trained, eager; this says whether that is the eager loop on one GPU already.
@@ -10,35 +10,26 @@ trained, eager; this says whether that is the eager loop on one GPU already.
 
 import argparse
 import json
-import statistics
 import tempfile
 from pathlib import Path
 
 from data_parallel import BATCH, MICRO, MODEL_350M, SEQ_LEN, phases, util_while_training
 from gpu_util import GpuSampler  # bench/, beside this script
 from mlflow.tracking import MlflowClient
+from trainer_path import medians, train_steps
 
-from runners.config import TrialConfig
-from runners.train import TrainOptions, train_trial
+from arch.config import ModelConfig
 
 
 def measure(folder: Path, steps: int, compile: bool) -> dict:
-    trial = TrialConfig.model_validate({
-        "model": MODEL_350M, "data": {"seq_len": SEQ_LEN},
-        "training": {"tokens": BATCH * SEQ_LEN * steps, "batch_size": BATCH,
-                     "micro_batch_size": MICRO, "lr": 1e-3, "compile": compile},
-    })  # fmt: skip
-    uri = f"sqlite:///{folder / 'util.db'}"
-    options = TrainOptions(workdir=folder / f"compile{compile}", tracking_uri=uri,
-                           data_dir=folder / "data", checkpoint_every_s=float("inf"))  # fmt: skip
+    model = ModelConfig.model_validate(MODEL_350M)
     with GpuSampler() as sampler:
-        outcome = train_trial(trial, options)
+        outcome, uri = train_steps(model, folder, SEQ_LEN, BATCH, steps, lr=1e-3,
+                                   micro_batch_size=MICRO, compile=compile)  # fmt: skip
     assert outcome.status == "finished", outcome
-    client = MlflowClient(uri)
-    rates = [m.value for m in sorted(client.get_metric_history(outcome.run_id, "tokens_per_s"),
-                                     key=lambda m: m.step)][5:]  # fmt: skip
-    phase = phases(client, outcome.run_id)
-    return {"compiled": compile, "steps": steps, "tokens_per_s": statistics.median(rates),
+    phase = phases(MlflowClient(uri), outcome.run_id)
+    return {"compiled": compile, "steps": steps,
+            "tokens_per_s": medians(uri, outcome.run_id)["tokens_per_s"],
             "gpu_util_while_training": (util_while_training(sampler, [phase]) or [None])[0],
             "setup_s": phase["setup_s"], "train_s": phase["train_s"]}  # fmt: skip
 

@@ -196,6 +196,7 @@ def train(args: argparse.Namespace) -> int:
     results = Path(args.results)
     options = TrainOptions(
         workdir=results / "trials", data_dir=results / "data", device=args.device,
+        cache_dir=results / "cache",
         tracking_uri=args.tracking_uri or default_tracking_uri(results),
     )  # fmt: skip
     outcome = train_trial(trial, options)

@@ -27,7 +27,9 @@ class TrainingConfig(StrictModel):
     grad_clip: PositiveFloat | None = 1.0
     eval_every_tokens: Count | None = None  # None: only at the end
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU
-    compile: bool = False
+    # auto: compiled on CUDA, eager on a CPU; graphs: compiled, the step captured in CUDA
+    # graphs (runners.compiling). Each computes the same step, only faster or slower.
+    compile: Literal["auto", "graphs"] | bool = "auto"
     seed: int = 0
 
     @model_validator(mode="after")
@@ -39,6 +41,9 @@ class TrainingConfig(StrictModel):
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                 f"{self.micro_batch_size}"
             )
+        micro = self.micro_batch_size or self.batch_size
+        if self.compile == "graphs" and micro < self.batch_size:
+            raise ValueError("compile: graphs needs the whole batch at once (no micro_batch_size)")
         return self
 
 
@@ -59,5 +64,10 @@ class TrialConfig(StrictModel):
     @property
     def trial_id(self) -> str:
         """Stable across machines and runs: a hash of the canonical resolved config."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        config = self.model_dump(mode="json")
+        # "auto" hashes as the false it replaced as the default: how a step is compiled
+        # does not change what it computes, and the trials from before auto keep their ids.
+        if config["training"]["compile"] == "auto":
+            config["training"]["compile"] = False
+        canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]

@@ -58,10 +58,8 @@ def _worker_loop(config: dict) -> None:
             # failing the worker makes Ray Train end them all.
             raise RuntimeError(f"rank {rank} {outcome.status}: {outcome.reason}")
         done += 1
-        # The next trial starts clean: its memory, and compiled graphs of its own (Dynamo
-        # would otherwise pile each trial's onto the last's, up to its recompile limit).
+        # The next trial starts with memory of its own (train_trial drops its graphs).
         gc.collect()
-        torch._dynamo.reset()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -54,7 +54,7 @@ class StudyOptions:
             workdir=(self.checkpoint_dir or trials_dir(results, study)).resolve(),
             tracking_uri=self.uri(), data_dir=results / "data", experiment=study,
             device=self.device, checkpoint_every_s=self.checkpoint_every_s,
-            profile_steps=self.profile_steps,
+            profile_steps=self.profile_steps, cache_dir=results / "cache",
             parent_run_id=parent_run_id, tags={STUDY_TAG: study},
             log_every=10,  # many trials share one store: don't write it every step
         )  # fmt: skip

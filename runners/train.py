@@ -7,6 +7,7 @@ resumed trial continues the exact loss curve an uninterrupted one would have dra
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from records.trial_run import (
     start_trial_run,
 )
 from runners import checkpoint as ckpt
+from runners import compiling
 from runners.config import TrialConfig
 from runners.optim import lr_at, make_optimizer
 from runners.parallel import place, rank_and_world, sum_over_ranks, whole
@@ -89,6 +91,10 @@ class TrainOptions:
     # profiler to profile/rank<R>.json in the trial's folder (Chrome's trace format, for
     # Perfetto); rank 0's is also an MLflow artifact. Where a step's time goes.
     profile_steps: tuple[int, int] | None = None
+    # Compiled graphs and kernels and the kernels' autotune choices, shared by the trials
+    # that name the same folder (a study's results/cache): each shape compiles and tunes
+    # once. None: torch's and Triton's own folders, and no waiting on other trials.
+    cache_dir: Path | None = None
 
 
 def _device(options: TrainOptions) -> torch.device:
@@ -145,7 +151,12 @@ class Trainer:
         self._flags = torch.tensor([0.0, 1.0], dtype=torch.float64, device=self.device)
         # Model and loss compiled as one graph: the fp32 logits are never materialised
         # (on an H100 that took a 125M model from 362K to 480K tokens/s, bench/RESULTS.md).
-        self.loss = torch.compile(self._loss) if t.compile else self._loss
+        one_pass = self.world == 1 and self.micro == self.local_batch
+        params = param_counts(trial.model)["total"]
+        self.compile_mode = compiling.mode(t.compile, self.device.type, params, one_pass)
+        self.loss = (
+            torch.compile(self._loss, mode=self.compile_mode) if self.compile_mode else self._loss
+        )
         self.optimizer = make_optimizer(self.model, t, fused=self.device.type == "cuda")
         bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast = (
@@ -225,6 +236,7 @@ class Trainer:
             "hybridscale.d_model": model.d_model,
             "hybridscale.n_layers": model.n_layers,
             WORKERS_TAG: self.world,
+            "hybridscale.compile_mode": self.compile_mode or "eager",
             SHARDED_TAG: self.shard,
             **{f"hybridscale.n_{k}": v for k, v in layer_counts(model.pattern).items()},
             **self.options.tags,
@@ -295,6 +307,38 @@ class Trainer:
             raise TrialDiverged(f"loss {total:.4g} at step {self.step}")
         return total, grad_norm, lr, due > 0
 
+    def _first_step(self, checkpoint_due: bool) -> tuple[float, float, float, bool]:
+        """A run's first step, which compiles the step and autotunes the kernels: taken
+        while holding the shape's lock, so that of trials of one shape started together
+        one compiles and tunes and the others load its results; what it paid is logged
+        (at step 1 of this run) and written to the trial's log."""
+        before, start = compiling.paid(), time.perf_counter()
+        # Data-parallel ranks compile in step, each waiting for the others' all-reduce: a
+        # lock taken by one rank of each of two trials would stop both.
+        folder = self.options.cache_dir if self.world == 1 else None
+        with compiling.first_of_shape(folder, self._shape()):
+            waited = time.perf_counter() - start
+            result = self._train_step(checkpoint_due)
+        paid = {k: v - before[k] for k, v in compiling.paid().items()}
+        paid |= {"first_step_s": time.perf_counter() - start, "shape_lock_wait_s": waited}
+        self.log.metrics(paid, self.step + 1, _now_ms())
+        self._log_line(
+            f"first step ({self.compile_mode or 'eager'}) in {paid['first_step_s']:.1f} s, "
+            f"{waited:.1f} s of it waiting for the shape's lock: "
+            f"{paid['compile_cache_misses']} graphs compiled, {paid['compile_cache_hits']} "
+            f"loaded from the cache; {paid['autotunes']} kernels autotuned in "
+            f"{paid['autotune_s']:.1f} s, {paid['autotune_cache_hits']} choices from the cache"
+        )
+        return result
+
+    def _shape(self) -> str:
+        """What the compiled step and the kernels' choices depend on: trials alike in it
+        (differing in seed, lr or tokens) compile the same graphs."""
+        t = self.trial.training
+        what = [self.trial.model.model_dump(mode="json"), self.micro, self.seq_len,
+                self.device.type, t.precision, self.compile_mode]  # fmt: skip
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
     def evaluate(self) -> dict:
         self.model.eval()
         with torch.no_grad(), self.autocast:
@@ -310,7 +354,8 @@ class Trainer:
         self.log = self._open_run()
         self.model.train()
         try:
-            return self._loop()
+            with compiling.shared_caches(self.options.cache_dir):
+                return self._loop()
         except KeyboardInterrupt:
             if not self.shard:  # gathering shards needs every rank, and they may be gone
                 self.checkpoint()
@@ -342,7 +387,10 @@ class Trainer:
             # counts; from its own start after a (re)start, evaluation or checkpoint.
             start = last_end or time.perf_counter()
             due = time.perf_counter() - self.saved_at >= options.checkpoint_every_s
-            loss, grad_norm, lr, save = self._train_step(due)
+            if steps_run == 0:
+                loss, grad_norm, lr, save = self._first_step(due)
+            else:
+                loss, grad_norm, lr, save = self._train_step(due)
             last_end = time.perf_counter()
             self.step += 1
             steps_run += 1
@@ -459,4 +507,10 @@ def _plot_loss(history: list, path: Path, title: str) -> None:
 
 
 def train_trial(trial: TrialConfig, options: TrainOptions) -> TrialOutcome:
-    return Trainer(trial, options).run()
+    try:
+        return Trainer(trial, options).run()
+    finally:
+        # A worker process trains trial after trial: Dynamo would pile each one's graphs
+        # onto the last's, and past its recompile limit run the step eagerly, unsaid. The
+        # next trial compiles afresh, from the cache folder where its shape was seen.
+        torch._dynamo.reset()

@@ -17,6 +17,7 @@ under bf16 autocast against its PyTorch path.
 
 import copy
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -434,6 +435,31 @@ def test_autotune_search_leaves_results_intact_on_gpu(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
                           env=env, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+@cuda
+def test_a_second_process_reads_the_autotune_choice_the_first_stored(tmp_path):
+    """Trials of a study share a cache folder: the first process to meet a kernel's key
+    searches and stores its choice there, the next reads it and searches nothing; each
+    counts what it paid (arch.kernels.PAID, which the trainer logs)."""
+    script = (
+        "import json, torch\n"
+        "from arch.kernels import PAID\n"
+        "from arch.kernels.norm import rmsnorm_gated\n"
+        "x, z = torch.randn(2, 4096, 1024, device='cuda', dtype=torch.bfloat16).unbind(0)\n"
+        "rmsnorm_gated(x, z, torch.ones(1024, device='cuda'), 1e-5, 256)\n"
+        "print(json.dumps(PAID))\n"
+    )
+    env = {**os.environ, "HYBRIDSCALE_AUTOTUNE": "1", "TRITON_CACHE_DIR": str(tmp_path)}
+    paid = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        paid.append(json.loads(done.stdout.splitlines()[-1]))
+    first, second = paid
+    assert first["autotunes"] == 1 and first["autotune_cache_hits"] == 0
+    assert second["autotunes"] == 0 and second["autotune_cache_hits"] == 1
 
 
 @cuda

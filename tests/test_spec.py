@@ -320,3 +320,19 @@ def test_lr_rule_sets_each_trials_lr_from_its_size(tmp_path):
     # A swept lr is the trial's lr, rule or not.
     _, trials = load_spec(write(tmp_path, spec.replace("seed: [0, 1]", "lr: [1.0e-2]")))
     assert {t.training.lr for t in trials} == {1e-2}
+
+
+def test_compile_auto_keeps_the_ids_trials_had_before_it():
+    """compile: auto became the default where false was, and a trial keeps the id it had
+    (7de5e5be8681: scaling_1gpu's last trial, planned before auto), as how a step is
+    compiled does not change what it computes: auto and false name one trial, true and
+    graphs others."""
+    _, trials = load_spec(ROOT / "studies/scaling_1gpu.yaml")
+    last = trials[-1]
+    assert last.training.compile == "auto" and last.trial_id == "7de5e5be8681"
+    ids = {}
+    for setting in ("auto", False, True, "graphs"):
+        training = last.training.model_copy(update={"compile": setting})
+        trial = type(last).model_validate({**last.model_dump(), "training": training})
+        ids[setting] = trial.trial_id
+    assert ids["auto"] == ids[False] and len(set(ids.values())) == 3

@@ -118,7 +118,11 @@ def test_mlflow_run_holds_params_metrics_artifacts(tmp_path, corpus_dir, data_ca
     assert [m.step for m in val_history] == [4, 8, 12]
     assert len(client.get_metric_history(outcome.run_id, "train_loss")) == 12
     log = (tmp_path / "trials" / trial.trial_id / "train.log").read_text().splitlines()
-    assert len(log) == 13 and log[-1].split(": ", 1)[1].startswith("finished")
+    assert len(log) == 14 and log[-1].split(": ", 1)[1].startswith("finished")
+    # What the first step paid: an eager trial on a CPU compiles nothing.
+    assert log[0].split(": ", 1)[1].startswith("first step (eager)")
+    assert "0 graphs compiled" in log[0]
+    assert run.data.tags["hybridscale.compile_mode"] == "eager"
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "metrics.json", "loss_curve.png"} <= artifacts
     # Epochs: the tokens trained over the training split's, as the shard manifest counts it.
@@ -203,6 +207,38 @@ def test_compiled_step_matches_eager(tmp_path, corpus_dir, data_cache):
         assert trainer.run().status == "finished"
         curves.append([h[2] for h in trainer.history])
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+
+
+def test_a_second_trial_of_a_shape_loads_what_the_first_compiled(tmp_path, corpus_dir, data_cache):
+    """Two trials of one shape (their seeds, and so their ids, differ) sharing a cache
+    folder as a study's do: the first compiles its step's graphs into the folder, the
+    second, in a fresh Dynamo as a new worker would be, loads every one and adds none.
+    Each logs what it paid; the reference is the folder's own entries. An MLP alone keeps
+    the first compile on a CPU short (a C++ kernel costs seconds)."""
+    cache = tmp_path / "cache"
+    graphs = cache / "inductor" / "fxgraph"
+    paid, entries = [], []
+    for seed in (0, 1):
+        torch._dynamo.reset()
+        trial = TrialConfig.model_validate({
+            "model": {"pattern": "-", "d_model": 16, "vocab_size": 264},
+            "data": {"paths": [str(corpus_dir / "*.py")], "seq_len": 32},
+            "training": {"tokens": 32 * 4 * 2, "batch_size": 4, "compile": True, "seed": seed},
+        })  # fmt: skip
+        opts = options(tmp_path, data_cache, cache_dir=cache, checkpoint_every_s=math.inf)
+        outcome = train_trial(trial, opts)
+        assert outcome.status == "finished", outcome.reason
+        paid.append({m: logged(opts.tracking_uri, outcome.run_id, m) for m in
+                     ("compile_cache_misses", "compile_cache_hits", "first_step_s")})  # fmt: skip
+        entries.append(sorted(p.relative_to(graphs) for p in graphs.rglob("*") if p.is_file()))
+    first, second = paid
+    assert entries[0] and entries[1] == entries[0]  # the second trial stored nothing new
+    assert first["compile_cache_misses"] == [(1, len(entries[0]))]  # forward and backward
+    assert first["compile_cache_hits"] == second["compile_cache_misses"] == [(1, 0)]
+    assert second["compile_cache_hits"] == [(1, len(entries[0]))]
+    assert second["first_step_s"][0][1] < first["first_step_s"][0][1] / 2
+    log = (opts.workdir / trial.trial_id / "train.log").read_text()
+    assert f"0 graphs compiled, {len(entries[0])} loaded from the cache" in log
 
 
 def logged(uri: str, run_id: str, metric: str) -> list[tuple[int, float]]:

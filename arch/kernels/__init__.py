@@ -7,3 +7,8 @@ state_update: one decode step (``ssd_step_triton``); conv: causal depthwise conv
 only where Triton kernels will run (CUDA, or CPU under TRITON_INTERPRET=1, which Triton
 reads when the kernels are defined).
 """
+
+# What this process's autotune searches cost (arch.kernels.tuning): searches run, their
+# seconds, and choices read from a cache another process or run stored. Here, not in
+# tuning, so that the trainer reads it without importing Triton.
+PAID = {"autotunes": 0, "autotune_s": 0.0, "autotune_cache_hits": 0}

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from arch.kernels.tuning import choices
+from arch.kernels.tuning import autotune, choices
 
 # Both passes walk spans of T times a row of BD channels at a time, R rows a loop
 # iteration: loaded together (R) and prefetched by Triton's pipeliner (STAGES). Two to four
@@ -76,7 +76,7 @@ def _walk(x_row, y_row, t_lo, L, d, Dm, s_x_t, w, bias, xs, K: tl.constexpr,
     return xs
 
 
-@triton.autotune(_WALK_CONFIGS, key=["Dm", "K"], cache_results=True)
+@autotune(_WALK_CONFIGS, key=["Dm", "K"])
 @triton.jit
 def _conv_fwd(x_ptr, w_ptr, bias_ptr, y_ptr, L, Dm, s_x_b, s_x_t, K: tl.constexpr,
               T: tl.constexpr, BD: tl.constexpr, R: tl.constexpr,
@@ -134,8 +134,7 @@ def _walk_back(x_row, dy_row, dx_row, t_hi, L, dy_end, d, Dm, s_x_t, s_dy_t, s_d
     return xs, dpres, dw, dbias
 
 
-@triton.autotune(_WALK_CONFIGS, key=["Dm", "K"], reset_to_zero=["dw_ptr", "dbias_ptr"],
-                 cache_results=True)  # fmt: skip
+@autotune(_WALK_CONFIGS, key=["Dm", "K"], reset_to_zero=["dw_ptr", "dbias_ptr"])
 @triton.jit
 def _conv_bwd(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, dbias_ptr, L, Dm,
               s_x_b, s_x_t, s_dy_b, s_dy_t, s_dx_b, s_dx_t, K: tl.constexpr, T: tl.constexpr,

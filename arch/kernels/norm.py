@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from arch.kernels.tuning import choices
+from arch.kernels.tuning import autotune, choices
 
 _CONFIGS = choices([triton.Config({}, num_warps=w) for w in (4, 8, 16)],
                    small=triton.Config({}, num_warps=1))  # fmt: skip
@@ -24,7 +24,7 @@ def _gated(x_ptr, z_ptr, row, cols, ok, s_x, s_z):
     return x, z, sig, x * z * sig
 
 
-@triton.autotune(_CONFIGS, key=["GS"], cache_results=True)
+@autotune(_CONFIGS, key=["GS"])
 @triton.jit
 def _norm_fwd(x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, GS, eps, s_x, s_z,
               BLOCK: tl.constexpr):  # fmt: skip
@@ -38,7 +38,7 @@ def _norm_fwd(x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, GS, eps, s_x, s_z,
     tl.store(rstd_ptr + row * tl.num_programs(1) + grp, rstd)
 
 
-@triton.autotune(_CONFIGS, key=["GS"], reset_to_zero=["dw_ptr"], cache_results=True)
+@autotune(_CONFIGS, key=["GS"], reset_to_zero=["dw_ptr"])
 @triton.jit
 def _norm_bwd(x_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dx_ptr, dz_ptr, dw_ptr,
               M, GS, s_x, s_z, s_dout, s_dx, s_dz, ROWS, BLOCK: tl.constexpr):  # fmt: skip

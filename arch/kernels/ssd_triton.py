@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from arch.kernels.tuning import INTERPRET, choices
+from arch.kernels.tuning import INTERPRET, autotune, choices
 
 # Triton 3.9's interpreter gets bf16 wrong: tl.dot of bf16 operands (results near 1e10
 # seen on N(0, 1) inputs), and fp32 -> bf16 casts truncate where the GPU rounds to
@@ -47,9 +47,9 @@ _EMULATE_DOT = tl.constexpr(INTERPRET)
 def _tune(configs: list[triton.Config], small: dict, key=("Q", "P", "N"), **kwargs):
     """Autotune on the GPU over ``configs`` (see arch.kernels.tuning)."""
     configs = choices(configs, triton.Config(small, num_warps=1))
-    # cache_results: the choice is kept on disk with the compiled kernels, so only the
-    # first run on a machine pays for the search.
-    return triton.autotune(configs, key=list(key), cache_results=True, **kwargs)
+    # The choice is kept on disk with the compiled kernels, so only the first run to use
+    # a cache folder (a study's, see runners.compiling) pays for the search.
+    return autotune(configs, key=list(key), **kwargs)
 
 
 def _configs(blocks: list[dict], stages=(2, 3)) -> list[triton.Config]:
