@@ -102,7 +102,9 @@ def test_two_workers_match_one_worker_and_resume(
     saved = client.get_metric_history(outcome.run_id, "checkpoint_s")
     assert sorted({m.step for m in saved}) == [2, 3, 4, 5, 6, 7, 8]
     log = (tmp_path / trial.trial_id / "train.log").read_text().splitlines()
-    assert len(log) == 8 + 1  # each leg resumed at the step after the last one's checkpoint
+    firsts = [line for line in log if ": first step (" in line]  # what each leg's first paid
+    assert len(firsts) == 3  # the three legs: two workers, one, two
+    assert len(log) - len(firsts) == 8 + 1  # each leg resumed after the last's checkpoint
 
 
 SPEC = """
