@@ -37,7 +37,7 @@ def _closed_unit_interval(value: float) -> float:
     return value
 
 
-def _omitted_at_default(default: object) -> Any:
+def omitted_at_default(default: object) -> Any:
     """A field left out of the dump, and so of the trial id, at its default: a field added
     for a new layer type keeps the ids of every trial from before it."""
     return Field(default, exclude_if=lambda value: value == default)
@@ -120,8 +120,8 @@ class ModelConfig(StrictModel):
     # Gated DeltaNet: d_model // gdn_head_dim heads, each of gdn_head_dim query and key
     # channels and expand * gdn_head_dim value channels. gdn_impl "fla" runs fla-core's
     # chunked kernels (the optional extra "fla"; CUDA only), "torch" the reference
-    gdn_head_dim: PositiveInt = _omitted_at_default(64)
-    gdn_impl: Literal["torch", "fla"] = _omitted_at_default("torch")
+    gdn_head_dim: PositiveInt = omitted_at_default(64)
+    gdn_impl: Literal["torch", "fla"] = omitted_at_default("torch")
 
     @model_validator(mode="after")
     def _resolve_pattern(self) -> "ModelConfig":

@@ -171,6 +171,9 @@ class StudySpec(StrictModel):
     search: Search | None = None  # an Optuna search instead of a sweep
     lr_rule: LrRule | None = None  # each trial's lr from its size (a sweep's lr overrides it)
     resources: Resources = Resources()
+    # Budgets of one model that can share their first steps train them once: shorter ones
+    # branch from the longest (runners/branching.py). Not part of any trial: the same curves.
+    branch_budgets: bool = True
 
     @model_validator(mode="after")
     def _one_plan(self) -> "StudySpec":
