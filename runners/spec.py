@@ -319,8 +319,9 @@ def _describe(path: Path, err: ValidationError, prefix: str = "") -> str:
     """One line for a pydantic error: file, field path, rule broken."""
     errors = err.errors()
     first = errors[0]
-    where = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-    where = where.lstrip(".") or "spec"
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+    # An error of the whole trial (no field) names its fields in its message.
+    where = prefix + field.lstrip(".") if field else prefix.removesuffix(": ") or "spec"
     if first["type"] == "extra_forbidden":
         rule = "unknown key"
         parent = _model_at(err.title, first["loc"][:-1])

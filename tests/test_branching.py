@@ -87,7 +87,10 @@ def test_a_spec_opts_out_and_the_warmup_fields_keep_trial_ids(tmp_path):
 @pytest.mark.parametrize(
     ("training", "message"),
     [
-        (f"warmup_tokens: {8 * STEP_TOKENS}", "warmup_tokens: 2048 is not below the budget"),
+        (
+            f"warmup_tokens: {8 * STEP_TOKENS}",
+            r"sweep point \(.*\): training\.warmup_tokens: 2048 is not below the budget",
+        ),
         ("warmup_tokens: 512, warmup_fraction: 0.1", "warmup_tokens or warmup_fraction"),
     ],
 )
