@@ -110,8 +110,8 @@ def run_trials(
     driver = Driver(options, spec.resources, report=lambda event: progress.show(event),
                     retrying=queue.retrying)  # fmt: skip
     progress = Progress(len(todo) + done, done, driver)
-    progress.show("started")
     driver.add(queue.ready())
+    progress.show("started")
     outcomes = {}
     try:
         while driver:
