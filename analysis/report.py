@@ -53,6 +53,10 @@ def _param_table(fits: list[tuple[str, object, list[Flag]]], notes: Footnotes) -
 def _summary(study: StudyAnalysis, name: str, resamples: int) -> list[Block]:
     n_trials = sum(len(m.trials) for m in study.mixes)
     n_points = sum(len(m.rows) for m in study.mixes)
+    trials = [r for m in study.mixes for r in m.trials]
+    flops, spent = sum(r["flops"] for r in trials), sum(r["spent_flops"] for r in trials)
+    branched = sum(r["spent_flops"] < r["flops"] for r in trials)
+    shared = f": {branched} budgets branched from a longer run of their model" if branched else ""
     out = [
         Block("h1", f"Scaling analysis: {name}"),
         Block(
@@ -61,6 +65,11 @@ def _summary(study: StudyAnalysis, name: str, resamples: int) -> list[Block]:
             f"layer mixes. Intervals are 95% bootstrap percentiles over {resamples} "
             "resamples of each mix's points. A number marked [!n] rests on a fit the "
             "diagnostics flag; note n, below its table, says why.",
+        ),
+        Block(
+            "p",
+            f"Training compute: {num(flops)} FLOPs in the trials' curves (each trial's C "
+            f"below), {num(spent)} FLOPs spent{shared}.",
         ),
     ]
     missing = study.notes + [f"{m.mix.label}: {note}" for m in study.mixes for note in m.notes]

@@ -84,9 +84,10 @@ def trial_row(
     mlp_ratio: float = 0.0,
     **extra,
 ) -> dict:
-    """One row of the tidy table; ``flops`` is the trial's whole training compute.
-    ``extra`` overrides the defaults of the optional fields (lr, seed, setting,
-    rotary_fraction, epochs) and adds task metrics (TASK_METRIC)."""
+    """One row of the tidy table; ``flops`` is the trial's whole training compute, and
+    ``spent_flops`` (in ``extra``; default ``flops``) what its own run computed, less for a
+    budget branched from a longer run. ``extra`` overrides the defaults of the optional
+    fields (lr, seed, setting, rotary_fraction, epochs) and adds task metrics (TASK_METRIC)."""
     return {
         "trial": trial,
         "pattern": pattern,
@@ -94,6 +95,7 @@ def trial_row(
         "tokens": float(tokens),
         "flops_per_token": flops / tokens,
         "flops": float(flops),
+        "spent_flops": float(flops),
         "val_loss": float(loss),
         "mix": mix_of(pattern, attention_ratio, mlp_ratio),
         **OPTIONAL,
@@ -124,6 +126,7 @@ def _row(record: TrialRun) -> dict:
         setting=_setting(params),
         rotary_fraction=float(params.get("model.rotary_fraction", 0)),
         epochs=float(metrics.get("epochs", np.nan)),
+        spent_flops=record.spent_flops,
         **{k: v for k, v in metrics.items() if TASK_METRIC.match(k)},
     )
 

@@ -32,6 +32,11 @@ GPU_IDS_TAG = "hybridscale.gpu_ids"  # the GPUs a single-worker trial ran on
 GPU_SHARE_TAG = "hybridscale.gpu_share"  # the share of a GPU it held
 NODE_TAG = "hybridscale.node_id"  # the Ray node its (rank 0) worker ran on
 PARENT_TAG = "mlflow.parentRunId"
+# A budget branched from a longer one's run (runners/branching.py): that trial, and the step
+# and tokens it took from it; its own run trained only the rest.
+BRANCHED_FROM_TAG = "hybridscale.branched_from"
+BRANCH_STEP_TAG = "hybridscale.branch_step"
+BRANCH_TOKENS_TAG = "hybridscale.branch_tokens"
 
 TOKENS_METRIC = "tokens"  # tokens trained so far (whole steps), logged with every step
 VAL_LOSS_METRIC = "val_loss"
@@ -108,6 +113,19 @@ def start_trial_run(
     return run.info.run_id
 
 
+def copy_history(client: MlflowClient, source: str, dest: str, last_step: int) -> None:
+    """Every metric run ``source`` logged up to ``last_step``, logged again on ``dest``: a
+    branched trial's run holds its whole curve, the steps it shares with its trunk too."""
+    metrics = [
+        m
+        for key in client.get_run(source).data.metrics
+        for m in client.get_metric_history(source, key)
+        if m.step <= last_step
+    ]
+    for start in range(0, len(metrics), MAX_METRICS):
+        client.log_batch(dest, metrics=metrics[start : start + MAX_METRICS])
+
+
 def end_live_runs(
     client: MlflowClient, experiment: str, trial_id: str, status: str, reason: str
 ) -> list[str]:
@@ -172,6 +190,12 @@ class TrialRun:
     def flops(self) -> float:
         """The trial's whole training compute, over the tokens it trained."""
         return float(self.tags.get(FLOPS_PER_TOKEN_TAG, 0)) * self.tokens
+
+    @property
+    def spent_flops(self) -> float:
+        """What its own run computed: ``flops`` less the steps it took from its trunk."""
+        shared = float(self.tags.get(BRANCH_TOKENS_TAG, 0))
+        return float(self.tags.get(FLOPS_PER_TOKEN_TAG, 0)) * (self.tokens - shared)
 
 
 def trial_runs(client: MlflowClient, experiment: str) -> dict[str, TrialRun]:

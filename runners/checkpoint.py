@@ -24,6 +24,17 @@ def trials_dir(results_dir: Path, study: str) -> Path:
     return results_dir / study / "trials"
 
 
+def checkpoint_path(workdir: Path, trial_id: str) -> Path:
+    """A trial's checkpoint, which it resumes from."""
+    return workdir / trial_id / "checkpoint.pt"
+
+
+def branch_point(workdir: Path, trunk_id: str, step: int) -> Path:
+    """Where a trial leaves its state at ``step`` for a shorter budget to start from: a
+    file of its own, as the trial's checkpoint moves on."""
+    return workdir / trunk_id / f"branch_{step}.pt"
+
+
 def gather(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, shard: bool, chief: bool
 ) -> tuple[dict, dict] | None:

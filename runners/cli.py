@@ -8,12 +8,13 @@ from pathlib import Path
 from arch.accounting import param_counts
 from arch.allocation import layer_counts
 from arch.config import position_encoding
+from runners.branching import Branch, study_branches
 from runners.config import TrialConfig
 from runners.cost import load_throughput, study_cost, train_flops
 from runners.spec import SpecError, load_spec, load_trial
 
 
-def _row(trial: TrialConfig) -> dict:
+def _row(trial: TrialConfig, branch: Branch | None) -> dict:
     model, training = trial.model, trial.training
     return {
         "id": trial.trial_id,
@@ -27,6 +28,7 @@ def _row(trial: TrialConfig) -> dict:
         "train_flops": f"{train_flops(trial):.3g}",
         "lr": training.lr,
         "seed": training.seed,
+        **({"branches_from": f"{branch.trunk.trial_id} @ {branch.step}"} if branch else {}),
     }
 
 
@@ -47,13 +49,16 @@ def print_table(rows: list[dict]) -> None:
 
 def plan(args: argparse.Namespace) -> int:
     spec, trials = load_spec(args.spec)
+    branches = study_branches(spec, trials)
+    rows = [_row(t, branches.get(t.trial_id)) for t in trials]
     if args.json:
-        out = [{**_row(t), "config": t.model_dump(mode="json")} for t in trials]
+        configs = [t.model_dump(mode="json") for t in trials]
+        out = [{**row, "config": c} for row, c in zip(rows, configs, strict=True)]
         print(json.dumps({"study": spec.name, "trials": out}, indent=2))
     else:
         print(f"study {spec.name}: {len(trials)} trial(s)")
-        print_table([_row(t) for t in trials])
-        print(study_cost(trials, load_throughput()).describe())
+        print_table(rows)
+        print(study_cost(trials, load_throughput(), branches).describe())
     return 0
 
 
@@ -73,11 +78,12 @@ def _study_options(args: argparse.Namespace):
 
 def study(args: argparse.Namespace) -> int:
     spec, trials = load_spec(args.spec)  # every error surfaces before Ray starts
-    from runners.scheduler import run_study
+    from runners.scheduler import flops_line, run_study
 
     options = _study_options(args)
     rows = run_study(spec, trials, options)
     _print_results(rows)
+    print(flops_line(rows))
     failed = [r for r in rows if r["status"] != "finished"]
     for row in failed:
         print(f"trial {row['trial']} {row['status']}: {row['reason']}", file=sys.stderr)
@@ -118,14 +124,16 @@ def results(args: argparse.Namespace) -> int:
     spec, trials = load_spec(args.spec)
     from mlflow.tracking import MlflowClient
 
-    from runners.scheduler import summary_rows
+    from runners.scheduler import flops_line, summary_rows
 
     options = _study_options(args)
     client = MlflowClient(options.uri())
     if client.get_experiment_by_name(spec.name) is None:
         print(f"error: no runs of study {spec.name!r} in {options.uri()}", file=sys.stderr)
         return 2
-    _print_results(summary_rows(client, spec.name, trials, {}))
+    rows = summary_rows(client, spec.name, trials, {})
+    _print_results(rows)
+    print(flops_line(rows))
     return 0
 
 

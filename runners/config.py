@@ -2,12 +2,13 @@
 
 import hashlib
 import json
+import math
 from typing import Literal
 
 from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from arch.accounting import param_counts
-from arch.config import Count, ModelConfig, Ratio, StrictModel
+from arch.config import Count, ModelConfig, Ratio, StrictModel, omitted_at_default
 from data.config import DataConfig
 
 
@@ -22,6 +23,9 @@ class TrainingConfig(StrictModel):
     min_lr_ratio: Ratio = 0.1
     schedule: Literal["cosine", "wsd"] = "cosine"
     warmup_fraction: Ratio = 0.1
+    # A warmup of this many tokens instead of warmup_fraction of the budget: the same
+    # warmup at every budget, which lets budgets share their first steps (see branching).
+    warmup_tokens: Count | None = omitted_at_default(None)
     decay_fraction: Ratio = 0.2  # the WSD schedule's final decay
     weight_decay: NonNegativeFloat = 0.1
     grad_clip: PositiveFloat | None = 1.0
@@ -44,6 +48,8 @@ class TrainingConfig(StrictModel):
         micro = self.micro_batch_size or self.batch_size
         if self.compile == "graphs" and micro < self.batch_size:
             raise ValueError("compile: graphs needs the whole batch at once (no micro_batch_size)")
+        if self.warmup_tokens is not None and "warmup_fraction" in self.model_fields_set:
+            raise ValueError("give warmup_tokens or warmup_fraction, not both")
         return self
 
 
@@ -60,6 +66,38 @@ class TrialConfig(StrictModel):
         if self.training.tokens is not None:
             return self.training.tokens
         return round(self.training.tokens_per_param * param_counts(self.model)["total"])
+
+    @model_validator(mode="after")
+    def _warmup_within_budget(self) -> "TrialConfig":
+        warmup = self.training.warmup_tokens
+        if warmup is not None and warmup >= self.tokens:
+            raise ValueError(
+                f"training.warmup_tokens: {warmup} is not below the budget of {self.tokens} tokens"
+            )
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.training.batch_size * self.data.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps to cover the budget, in whole steps."""
+        return max(1, math.ceil(self.tokens / self.tokens_per_step))
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of linear warmup: warmup_tokens in whole steps, else warmup_fraction of
+        the trial's steps."""
+        t = self.training
+        if t.warmup_tokens is not None:
+            return round(t.warmup_tokens / self.tokens_per_step)
+        return round(t.warmup_fraction * self.total_steps)
+
+    @property
+    def decay_start(self) -> int:
+        """The step where the WSD schedule's final decay begins."""
+        return self.total_steps - round(self.training.decay_fraction * self.total_steps)
 
     @property
     def trial_id(self) -> str:

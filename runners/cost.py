@@ -18,6 +18,7 @@ from pydantic import PositiveFloat
 
 from arch.accounting import flops_per_token, param_counts
 from arch.config import StrictModel
+from runners.branching import Branch
 from runners.config import TrialConfig
 
 THROUGHPUT_DIR = Path(__file__).resolve().parent.parent / "configs" / "throughput"
@@ -60,26 +61,38 @@ def train_flops(trial: TrialConfig) -> float:
 
 @dataclass(frozen=True)
 class StudyCost:
-    flops: float
+    flops: float  # every trial trained alone
     gpu_hours: float
     gpu: str
     outside: int  # trials whose size lies outside the measured table
+    spent_flops: float  # with budgets branched from their trunks
+    spent_gpu_hours: float
 
     def describe(self) -> str:
         note = (f"; {self.outside} trial(s) outside the measured sizes, extrapolated"
                 if self.outside else "")  # fmt: skip
-        return (
-            f"training FLOPs {self.flops:.3g}; about {self.gpu_hours:.2g} GPU-hours on "
-            f"one {self.gpu} from measured throughput{note}"
-        )
+        flops, hours = f"training FLOPs {self.flops:.3g}", f"about {self.gpu_hours:.2g} GPU-hours"
+        if self.spent_flops < self.flops:
+            saved = 1 - self.spent_flops / self.flops
+            flops += f", {self.spent_flops:.3g} with budgets branched ({saved:.0%} fewer)"
+            hours += f" ({self.spent_gpu_hours:.2g} branched)"
+        return f"{flops}; {hours} on one {self.gpu} from measured throughput{note}"
 
 
-def study_cost(trials: list[TrialConfig], throughput: Throughput) -> StudyCost:
-    flops = hours = 0.0
+def study_cost(
+    trials: list[TrialConfig], throughput: Throughput, branches: dict[str, Branch] | None = None
+) -> StudyCost:
+    """What the trials cost trained alone, and with ``branches`` (runners/branching.py)
+    training only the steps their trunks do not."""
+    flops = hours = spent_flops = spent_hours = 0.0
     outside = 0
     for trial in trials:
         rate, out = throughput.rate(param_counts(trial.model)["total"])
+        branch = (branches or {}).get(trial.trial_id)
+        own = 1 - min(1.0, branch.tokens / trial.tokens) if branch else 1.0
         flops += train_flops(trial)
         hours += trial.tokens / rate / 3600
+        spent_flops += own * train_flops(trial)
+        spent_hours += own * trial.tokens / rate / 3600
         outside += out
-    return StudyCost(flops, hours, throughput.gpu, outside)
+    return StudyCost(flops, hours, throughput.gpu, outside, spent_flops, spent_hours)

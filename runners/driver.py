@@ -171,13 +171,19 @@ class Job:
 
 class Driver:
     """Runs the trials handed to ``add`` on Ray; ``next`` gives their outcomes as they end.
-    ``report`` hears what the policy does not see: retries."""
+    ``report`` hears what the policy does not see: retries, which ``retrying`` hears too,
+    with the trial retried."""
 
     def __init__(
-        self, options: StudyOptions, resources: Resources, report: Callable[[str], None] = print
+        self,
+        options: StudyOptions,
+        resources: Resources,
+        report: Callable[[str], None] = print,
+        retrying: Callable[[TrialConfig], None] = lambda trial: None,
     ) -> None:
         start_ray(options)
         self.options, self.resources, self.report = options, resources, report
+        self.retrying = retrying
         cluster = ray.cluster_resources()
         self.gpus = cluster.get("GPU", 0)
         self.gpu_memory = gpu_size_gb() if self.gpus else 0.0
@@ -218,10 +224,13 @@ class Driver:
                                        -param_counts(j.trial.model)["total"]))  # fmt: skip
         self._start_fitting()
 
-    def next(self) -> tuple[TrialConfig, TrialOutcome]:
-        """The next trial to end for good (retries are the driver's), and its outcome."""
+    def next(self, timeout: float | None = None) -> tuple[TrialConfig, TrialOutcome] | None:
+        """The next trial to end for good (retries are the driver's), and its outcome; None
+        when none has ended after ``timeout`` seconds."""
         while not self.ended:
-            ready, _ = ray.wait(list(self.pending), num_returns=1)
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+            if not ready:
+                return None
             job = self.pending.pop(ready[0])
             outcome = collect(ready[0], job.trial)
             if job.trial.trial_id in self.groups.running:
@@ -231,6 +240,7 @@ class Driver:
             if outcome.status in BROKEN and job.attempts <= self.options.max_retries:
                 self.report(f"{job.trial.trial_id} {outcome.status} ({outcome.reason}); "
                             "retrying from its checkpoint")  # fmt: skip
+                self.retrying(job.trial)
                 self._submit(job)  # on the resources it still holds
                 continue
             for key, value in job.held.items():

@@ -1,11 +1,12 @@
 """AdamW with the paper's settings and the learning-rate schedules a trial can ask for."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from runners.config import TrainingConfig
+from runners.config import TrainingConfig, TrialConfig
 
 
 def no_decay(name: str, param: nn.Parameter) -> bool:
@@ -32,18 +33,33 @@ def make_optimizer(model: nn.Module, config: TrainingConfig, fused: bool) -> tor
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
-def lr_at(step: int, total_steps: int, config: TrainingConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr, or WSD: constant, then a linear decay
-    over the last decay_fraction of training (Hu et al., MiniCPM)."""
-    peak, floor = config.lr, config.lr * config.min_lr_ratio
-    warmup = round(config.warmup_fraction * total_steps)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    if config.schedule == "cosine":
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    decay_start = total_steps - round(config.decay_fraction * total_steps)
-    if step < decay_start:
-        return peak
-    progress = (step - decay_start) / max(1, total_steps - decay_start)
-    return peak + (floor - peak) * min(1.0, progress)
+@dataclass(frozen=True)
+class Schedule:
+    """A trial's learning rate at each step: linear warmup, then cosine decay to min_lr, or
+    WSD: constant, then a linear decay over the last decay_fraction of training (Hu et al.,
+    MiniCPM). Resolved once: the loop asks every step."""
+
+    kind: str
+    peak: float
+    floor: float
+    warmup: int
+    decay_start: int
+    total: int
+
+    @classmethod
+    def of(cls, trial: TrialConfig) -> "Schedule":
+        t = trial.training
+        return cls(t.schedule, t.lr, t.lr * t.min_lr_ratio, trial.warmup_steps,
+                   trial.decay_start, trial.total_steps)  # fmt: skip
+
+    def lr(self, step: int) -> float:
+        peak, floor = self.peak, self.floor
+        if step < self.warmup:
+            return peak * (step + 1) / self.warmup
+        if self.kind == "cosine":
+            progress = (step - self.warmup) / max(1, self.total - self.warmup)
+            return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if step < self.decay_start:
+            return peak
+        progress = (step - self.decay_start) / max(1, self.total - self.decay_start)
+        return peak + (floor - peak) * min(1.0, progress)

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from arch.accounting import param_counts
 from records.trial_run import (
+    BRANCHED_FROM_TAG,
     TOKENS_METRIC,
     VAL_LOSS_METRIC,
     RunLog,
@@ -20,10 +21,14 @@ from records.trial_run import (
     open_study_run,
     trial_runs,
 )
+from runners.branch_queue import BranchQueue
+from runners.branching import Branch, study_branches
 from runners.config import TrialConfig
 from runners.driver import Driver, StudyOptions
 from runners.spec import StudySpec
 from runners.train import TrialOutcome
+
+BRANCH_POLL_S = 1.0
 
 
 class Progress:
@@ -64,14 +69,17 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
     ids = {t.trial_id for t in trials}  # the store may hold other trials of the study
     done = [i for i in finished_runs(client, spec.name) if i in ids]
     todo = [t for t in trials if t.trial_id not in done]
+    branches = study_branches(spec, trials)
+    shared = f"; {len(branches)} branch from a longer budget's run" if branches else ""
     print(
-        f"study {spec.name}: {len(trials)} trials, {len(done)} already finished, {len(todo)} to run"
+        f"study {spec.name}: {len(trials)} trials, {len(done)} already finished, "
+        f"{len(todo)} to run{shared}"
     )
     print(f"MLflow store: {uri}")
     outcomes: dict[str, TrialOutcome] = {}
     try:
         if todo:
-            outcomes = run_trials(spec, todo, options, parent, len(done))
+            outcomes = run_trials(spec, todo, branches, options, parent, len(done))
     except KeyboardInterrupt:
         end_study_run(client, parent, failed=False, interrupted=True)
         raise
@@ -83,25 +91,38 @@ def run_study(spec: StudySpec, trials: list[TrialConfig], options: StudyOptions)
 
 
 def run_trials(
-    spec: StudySpec, todo: list[TrialConfig], options: StudyOptions, parent: str, done: int
+    spec: StudySpec,
+    todo: list[TrialConfig],
+    branches: dict[str, Branch],
+    options: StudyOptions,
+    parent: str,
+    done: int,
 ) -> dict[str, TrialOutcome]:
-    """Train ``todo`` on the driver, showing progress; their outcomes by trial id."""
+    """Train ``todo`` on the driver, each of ``branches`` from its trunk's state once that
+    exists, showing progress; their outcomes by trial id."""
     # Prepare shared data once in the driver, so workers never race to build it.
     from data import open_data
 
     for data_config in {t.data.model_dump_json(): t.data for t in todo}.values():
         open_data(data_config, options.results_dir / "data")
-    driver = Driver(options, spec.resources, report=lambda event: progress.show(event))
-    progress = Progress(len(todo) + done, done, driver)
     train = options.train_options(spec.name, parent)
-    driver.add([(trial, train) for trial in todo])
+    queue = BranchQueue(todo, branches, train, say=lambda event: progress.show(event))
+    driver = Driver(options, spec.resources, report=lambda event: progress.show(event),
+                    retrying=queue.retrying)  # fmt: skip
+    progress = Progress(len(todo) + done, done, driver)
+    driver.add(queue.ready())
     progress.show("started")
     outcomes = {}
     try:
         while driver:
-            trial, outcome = driver.next()
-            outcomes[trial.trial_id] = outcome
-            progress.ended(outcome)
+            # While branches wait for their trunks' states, look for them every second.
+            ended = driver.next(timeout=BRANCH_POLL_S if queue else None)
+            driver.add(queue.ready())
+            if ended:
+                trial, outcome = ended
+                outcomes[trial.trial_id] = outcome
+                progress.ended(outcome)
+                driver.add(queue.trunk_ended(trial, outcome))
     except KeyboardInterrupt:
         driver.interrupt()
         raise
@@ -113,7 +134,8 @@ def summary_rows(
     client: MlflowClient, experiment: str, trials: list[TrialConfig], outcomes: dict
 ) -> list[dict]:
     """One row per trial of the spec, read back from the store (the record of truth):
-    tokens and FLOPs are those trained, the budget where the trial never ran."""
+    tokens and FLOPs are those trained, the budget where the trial never ran; FLOPs are
+    what its curve cost, spent FLOPs what its own run computed (less for a branch)."""
     records = trial_runs(client, experiment)
     rows = []
     for trial in trials:
@@ -127,6 +149,8 @@ def summary_rows(
             "params": param_counts(trial.model)["total"],
             "tokens": tokens,
             "flops": record.flops if record else 0.0,
+            "spent_flops": record.spent_flops if record else 0.0,
+            "branched_from": record.tags.get(BRANCHED_FROM_TAG, "") if record else "",
             "val_loss": metrics.get(VAL_LOSS_METRIC),
             "val_bpb": metrics.get("val_bpb"),
             **{k: v for k, v in metrics.items() if k.startswith(("probe_", "task_"))},
@@ -135,6 +159,13 @@ def summary_rows(
             "run_id": record.run_id if record else "",
         })  # fmt: skip
     return rows
+
+
+def flops_line(rows: list[dict]) -> str:
+    """The study's training compute: its trials' curves, and what was actually computed."""
+    flops, spent = sum(r["flops"] for r in rows), sum(r["spent_flops"] for r in rows)
+    saved = f" ({1 - spent / flops:.0%} fewer: budgets branched)" if spent < flops else ""
+    return f"training FLOPs: {flops:.3g} in the trials' curves, {spent:.3g} spent{saved}"
 
 
 def _log_summary(client: MlflowClient, parent: str, rows: list[dict], study_dir: Path) -> None:

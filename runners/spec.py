@@ -172,6 +172,9 @@ class StudySpec(StrictModel):
     search: Search | None = None  # an Optuna search instead of a sweep
     lr_rule: LrRule | None = None  # each trial's lr from its size (a sweep's lr overrides it)
     resources: Resources = Resources()
+    # Budgets of one model that can share their first steps train them once: shorter ones
+    # branch from the longest (runners/branching.py). Not part of any trial: the same curves.
+    branch_budgets: bool = True
 
     @model_validator(mode="after")
     def _one_plan(self) -> "StudySpec":
@@ -319,8 +322,9 @@ def _describe(path: Path, err: ValidationError, prefix: str = "") -> str:
     """One line for a pydantic error: file, field path, rule broken."""
     errors = err.errors()
     first = errors[0]
-    where = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-    where = where.lstrip(".") or "spec"
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+    # An error of the whole trial (no field) names its fields in its message.
+    where = prefix + field.lstrip(".") if field else prefix.removesuffix(": ") or "spec"
     if first["type"] == "extra_forbidden":
         rule = "unknown key"
         parent = _model_at(err.title, first["loc"][:-1])

@@ -28,6 +28,9 @@ from arch.model import HybridLM
 from data import TrialData, open_data
 from records.store import flatten
 from records.trial_run import (
+    BRANCH_STEP_TAG,
+    BRANCH_TOKENS_TAG,
+    BRANCHED_FROM_TAG,
     FLOPS_PER_TOKEN_TAG,
     PARAMS_TAG,
     PATTERN_TAG,
@@ -36,12 +39,13 @@ from records.trial_run import (
     TOKENS_REQUESTED_TAG,
     WORKERS_TAG,
     RunLog,
+    copy_history,
     start_trial_run,
 )
 from runners import checkpoint as ckpt
 from runners import compiling
 from runners.config import TrialConfig
-from runners.optim import lr_at, make_optimizer
+from runners.optim import Schedule, make_optimizer
 from runners.parallel import place, rank_and_world, sum_over_ranks, whole
 
 # Dense bf16 peak of the GPUs MFU is reported against (FLOP/s).
@@ -95,6 +99,11 @@ class TrainOptions:
     # that name the same folder (a study's results/cache): each shape compiles and tunes
     # once. None: torch's and Triton's own folders, and no waiting on other trials.
     cache_dir: Path | None = None
+    # Budgets branched from this trial (runners/branching.py): the steps at which it leaves
+    # its state for them. And this trial's own branch: (trunk trial id, step), whose state
+    # it starts from when it has no checkpoint of its own, with a run of its own.
+    branch_points: tuple[int, ...] = ()
+    branch_from: tuple[str, int] | None = None
 
 
 def _device(options: TrainOptions) -> torch.device:
@@ -125,7 +134,7 @@ class Trainer:
         self.device = _device(options)
         self.dir = options.workdir / trial.trial_id
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_path = self.dir / "checkpoint.pt"
+        self.checkpoint_path = ckpt.checkpoint_path(options.workdir, trial.trial_id)
         self.data: TrialData = open_data(trial.data, options.data_dir)
         if self.data.vocab_size > trial.model.vocab_size:
             raise ValueError(
@@ -134,8 +143,9 @@ class Trainer:
             )
         t = trial.training
         self.seq_len = trial.data.seq_len
-        self.tokens_per_step = t.batch_size * self.seq_len
-        self.total_steps = max(1, math.ceil(trial.tokens / self.tokens_per_step))
+        self.tokens_per_step = trial.tokens_per_step
+        self.total_steps = trial.total_steps
+        self.schedule = Schedule.of(trial)
         # Data-parallel: each rank trains on its slice of the same global batch, and
         # rank 0 alone logs and checkpoints.
         self.rank, self.world = rank_and_world()
@@ -165,6 +175,7 @@ class Trainer:
             else contextlib.nullcontext()
         )
         self.step, self.history, self.run_id = 0, [], None
+        self.trunk_run_id: str | None = None  # the run of the trial this one branched from
         self.flops_per_token = flops_per_token(trial.model, self.seq_len)["training"]
         self.client = MlflowClient(options.tracking_uri) if self.chief else None
         self.log: RunLog | _Quiet = _Quiet()  # the trial's MLflow run, once run() opens it
@@ -190,30 +201,42 @@ class Trainer:
         }
 
     def _restore(self) -> bool:
-        if not self.checkpoint_path.exists():
+        """Resume from the trial's checkpoint, or else from the state it branches from."""
+        path = self.checkpoint_path
+        if not path.exists() and self.options.branch_from:
+            path = ckpt.branch_point(self.options.workdir, *self.options.branch_from)
+            if not path.exists():
+                raise FileNotFoundError(f"trial {self.trial.trial_id}: no state at {path}")
+        if not path.exists():
             return False
-        state = ckpt.load(self.checkpoint_path)
+        state = ckpt.load(path)
         try:
             ckpt.scatter(self.model, self.optimizer, self.shard, state)
         except (RuntimeError, ValueError, KeyError) as err:  # e.g. written by older layer code
             detail = " ".join(str(err).split())[:300]
             raise ValueError(
-                f"trial {self.trial.trial_id}: checkpoint {self.checkpoint_path} does not fit "
+                f"trial {self.trial.trial_id}: checkpoint {path} does not fit "
                 f"this model ({detail}); delete it to train the trial afresh"
             ) from err
         self.step, self.history, self.run_id = state["step"], state["history"], state["run_id"]
+        if path != self.checkpoint_path:  # the trunk's state: its steps, not its run
+            self.trunk_run_id, self.run_id = self.run_id, None
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         return True
 
-    def checkpoint(self) -> None:
-        self.log.flush()  # every step a checkpoint holds is in MLflow before it exists
-        start = time.perf_counter()
+    def _save(self, path: Path) -> None:
+        """The loop's state to ``path``; every step it holds is in MLflow before it exists."""
+        self.log.flush()
         if self.chief or self.shard:
             state = self._state()
             if self.chief:
-                ckpt.save_atomic(state, self.checkpoint_path)
+                ckpt.save_atomic(state, path)
+
+    def checkpoint(self) -> None:
+        start = time.perf_counter()
+        self._save(self.checkpoint_path)
         self.saved_at = time.perf_counter()
         self.log.metrics({"checkpoint_s": self.saved_at - start}, self.step, _now_ms())
         self.log.flush()  # a rare write, and a trial that stops here may not write again
@@ -241,6 +264,10 @@ class Trainer:
             **{f"hybridscale.n_{k}": v for k, v in layer_counts(model.pattern).items()},
             **self.options.tags,
         }
+        if self.trunk_run_id:
+            trunk, step = self.options.branch_from
+            tags.update({BRANCHED_FROM_TAG: trunk, BRANCH_STEP_TAG: step,
+                         BRANCH_TOKENS_TAG: step * self.tokens_per_step})  # fmt: skip
         self.run_id = start_trial_run(
             self.client, self.options.tracking_uri, self.options.experiment, trial.trial_id,
             name=f"{trial.trial_id} {model.pattern[:24]}", tags=tags,
@@ -248,6 +275,8 @@ class Trainer:
         )  # fmt: skip
         log = RunLog(self.client, self.run_id, METRICS_FLUSH_S)
         log.params(flatten(trial.model_dump(mode="json")))
+        if self.trunk_run_id:  # the curve's first steps, as the trunk drew them
+            copy_history(self.client, self.trunk_run_id, self.run_id, self.step)
         return log
 
     # ---- the loop ---------------------------------------------------------------------
@@ -274,7 +303,7 @@ class Trainer:
         it: rank 0's ``checkpoint_due``, which every rank learns from the loss's all-reduce
         (sharded, saving is collective: the ranks must agree)."""
         t = self.trial.training
-        lr = lr_at(self.step, self.total_steps, t)
+        lr = self.schedule.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # TrialData drew it on its thread during the last step; the copy joins the queue.
@@ -409,6 +438,9 @@ class Trainer:
                 if options.on_eval and options.on_eval(self.step, tokens, metrics):
                     self.checkpoint()
                     return self._fail("pruned", f"pruned at step {self.step}")
+            if self.step in options.branch_points:  # a shorter budget's decay starts here
+                self._save(ckpt.branch_point(options.workdir, self.trial.trial_id, self.step))
+                last_end = None
             every = options.checkpoint_every
             if save or (every and self.step % every == 0):
                 self.checkpoint()

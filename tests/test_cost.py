@@ -48,3 +48,30 @@ def test_plan_prints_position_encoding_and_cost():
     transformer = next(line for line in lines if line.split()[1].startswith("*-*-"))
     assert "RoPE 50%" in transformer
     assert "training FLOPs" in lines[-1] and "GPU-hours on one H100" in lines[-1]
+
+
+def test_plan_of_the_wsd_study_saves_a_third_of_its_training_flops(capsys):
+    """Each size's shorter budgets train only their decay (the last 20% of their steps),
+    counted here by hand from the trial table."""
+    from runners.cli import main
+
+    assert main(["plan", str(ROOT / "studies" / "scaling_1gpu_wsd.yaml")]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    _, trials = load_spec(ROOT / "studies" / "scaling_1gpu_wsd.yaml")
+    alone = spent = 0.0
+    longest = {}
+    for t in trials:
+        key = (t.model.pattern, t.model.d_model)
+        longest[key] = max(longest.get(key, 0), t.tokens)
+    for t in trials:
+        flops = flops_per_token(t.model, t.data.seq_len)["training"] * t.tokens
+        alone += flops
+        if t.tokens == longest[(t.model.pattern, t.model.d_model)]:
+            spent += flops
+        else:
+            steps = math.ceil(t.tokens / (32 * 512))
+            decay_start = steps - round(0.2 * steps)
+            spent += flops * (1 - decay_start * 32 * 512 / t.tokens)
+    assert 1 - spent / alone >= 0.30
+    assert f"training FLOPs {alone:.3g}, {spent:.3g} with budgets branched" in last
+    assert f"({1 - spent / alone:.0%} fewer)" in last

@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
+import torch
 from mlflow.tracking import MlflowClient
 
 from runners.driver import StudyOptions
@@ -239,3 +240,153 @@ def test_the_raylets_worker_died_message_stays_out_of_the_progress(killed_before
     _, _, out = killed_before_checkpoint
     assert "crashed (WorkerCrashedError); retrying" in out, out
     assert "worker died" not in out.lower(), out
+
+
+# ---- budgets branched from a longer run (runners/branching.py) -------------------------------
+
+STEP = 4 * 64  # tokens a step: batch_size x seq_len
+
+
+def write_budgets_spec(
+    tmp_path: Path,
+    corpus_dir: Path,
+    name: str,
+    sizes: list[int],
+    steps: list[int],
+    eval_every: int | None = None,
+    **extra,
+) -> Path:
+    """One hybrid at several sizes and budgets (in steps), WSD with a 2-step warmup and a
+    decay over the last quarter, evaluated every ``eval_every`` steps (None: at the end)."""
+    shapes = ", ".join(f"{{d_model: {d}}}" for d in sizes)
+    evals = f", eval_every_tokens: {eval_every * STEP}" if eval_every else ""
+    text = f"""
+    name: {name}
+    model: {{pattern: "M*-", n_heads: 4, d_state: 8, ssm_headdim: 16, chunk_size: 16,
+             vocab_size: 264}}
+    data: {{paths: ["{corpus_dir}/*.py"], seq_len: 64, eval_tokens: 4096}}
+    training: {{batch_size: 4, lr: 3.0e-3, schedule: wsd, warmup_tokens: {2 * STEP},
+               decay_fraction: 0.25{evals}}}
+    sweep: {{size: [{shapes}], tokens: {[s * STEP for s in steps]}}}
+    """
+    text += "".join(f"{key}: {value}\n" for key, value in extra.items())
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def histories(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+@pytest.fixture(scope="module")
+def branched_and_alone(tmp_path_factory, corpus_dir, local_ray):
+    """One hybrid at 3 sizes x budgets of 8, 16 and 32 steps, trained twice into one store:
+    study "branched" (the 8 and 16 steps branch from the 32 at steps 6 and 12) and study
+    "alone" (branch_budgets: false), the same trials each from step 0."""
+    tmp_path = tmp_path_factory.mktemp("budgets")
+    results = tmp_path / "results"
+    out = {}
+    for name, branch in (("branched", "true"), ("alone", "false")):
+        path = write_budgets_spec(tmp_path, corpus_dir, name, [16, 24, 32], [8, 16, 32],
+                                  eval_every=4, branch_budgets=branch)  # fmt: skip
+        spec, trials = load_spec(path)
+        out[name] = run_study(spec, trials, StudyOptions(results_dir=results))
+    return tmp_path, spec, trials, out
+
+
+def test_a_branched_budget_trains_the_curve_it_would_alone(branched_and_alone):
+    tmp_path, _, trials, rows = branched_and_alone
+    results = tmp_path / "results"
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    for study in ("branched", "alone"):
+        assert [r["status"] for r in rows[study]] == ["finished"] * 9
+    alone = {r["trial"]: r for r in rows["alone"]}
+    trunks = {t.model.d_model: t.trial_id for t in trials if t.tokens == 32 * STEP}
+    for trial, row in zip(trials, rows["branched"], strict=True):
+        steps = trial.tokens // STEP
+        run = client.get_run(row["run_id"])
+        if steps < 32:  # its own run, tagged with its trunk and the step it began at
+            assert run.data.tags["hybridscale.branched_from"] == trunks[trial.model.d_model]
+            assert run.data.tags["hybridscale.branch_step"] == str(steps * 3 // 4)
+        else:
+            assert "hybridscale.branched_from" not in run.data.tags
+        # Every step's loss, as the trial's checkpoint holds it, and the MLflow curves.
+        curves = [
+            torch.load(results / study / "trials" / trial.trial_id / "checkpoint.pt",
+                       weights_only=False)["history"]
+            for study in ("branched", "alone")
+        ]  # fmt: skip
+        assert [h[:2] for h in curves[0]] == [h[:2] for h in curves[1]]
+        assert len(curves[0]) == steps
+        assert max(abs(a[2] - b[2]) for a, b in zip(*curves, strict=True)) <= 1e-5
+        for key in ("train_loss", "val_loss", "lr"):
+            mine = histories(client, row["run_id"], key)
+            theirs = histories(client, alone[row["trial"]]["run_id"], key)
+            assert mine.keys() == theirs.keys(), key
+            assert all(abs(mine[s] - theirs[s]) <= 1e-5 for s in mine), key
+        assert row["flops"] == alone[row["trial"]]["flops"]
+        shared = 0.75 if steps < 32 else 0.0  # of a branch's steps, its trunk trained
+        assert row["spent_flops"] == pytest.approx(row["flops"] * (1 - shared), rel=1e-9)
+
+
+def test_rerunning_a_branched_study_trains_nothing(branched_and_alone):
+    tmp_path, spec, trials, _ = branched_and_alone
+    before = {r.info.run_id for r in trial_runs_of(tmp_path, "alone")}
+    run_study(spec, trials, StudyOptions(results_dir=tmp_path / "results"))
+    assert {r.info.run_id for r in trial_runs_of(tmp_path, "alone")} == before
+    assert finished_runs(tmp_path, "branched") == {t.trial_id: 1 for t in trials}
+
+
+def test_fits_of_a_branched_study_equal_fits_of_its_trials_alone(branched_and_alone):
+    from analysis.fit import fit_law, fit_nd, interval
+    from analysis.table import columns, load_runs
+
+    tmp_path = branched_and_alone[0]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    studies = ("branched", "alone")
+    points = {s: sorted(load_runs(client, s), key=lambda r: r["trial"]) for s in studies}
+    for mine, theirs in zip(points["branched"], points["alone"], strict=True):
+        assert (mine["trial"], mine["params"], mine["tokens"], mine["flops"]) == (
+            theirs["trial"], theirs["params"], theirs["tokens"], theirs["flops"])  # fmt: skip
+        assert mine["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-5)
+    # L(N, D) of the branched trials within the bootstrap intervals of the same trials alone.
+    n, d, loss = columns(points["alone"], "params", "tokens", "val_loss")
+    samples = fit_nd(n, d, loss, resamples=10).sample_params()
+    n, d, loss = columns(points["branched"], "params", "tokens", "val_loss")
+    for name, value in fit_law([n, d], loss).params().items():
+        lo, hi = interval(samples[name])
+        assert lo <= value <= hi, (name, value, lo, hi)
+
+
+def test_a_killed_trunk_is_retried_while_its_branches_wait(tmp_path, corpus_dir, local_ray, capsys):
+    """The trunk (120 steps) is SIGKILLed once the 16-step budget has branched (step 12)
+    and it has a checkpoint, long before the 100-step budget's decay (step 75): that one
+    waits for the trunk's retry, which resumes from its checkpoint, then branches; a rerun
+    trains nothing. One finished run per trial."""
+    path = write_budgets_spec(tmp_path, corpus_dir, "killed", [32], [16, 100, 120])
+    spec, trials = load_spec(path)
+    trunk, middle = trials[2], trials[1]
+    trials_dir = tmp_path / "results" / "killed" / "trials"
+    options = StudyOptions(results_dir=tmp_path / "results", checkpoint_every_s=0.2)
+    rows: list = []
+    thread = threading.Thread(target=lambda: rows.extend(run_study(spec, trials, options)))
+    thread.start()
+    deadline = time.time() + 120
+    while not ((trials_dir / trunk.trial_id / "branch_12.pt").exists()
+               and (trials_dir / trunk.trial_id / "checkpoint.pt").exists()):  # fmt: skip
+        assert time.time() < deadline, "the trunk never reached step 12 and a checkpoint"
+        time.sleep(0.02)  # the trunk is killed within a step or two
+    assert not (trials_dir / trunk.trial_id / "branch_75.pt").exists()
+    os.kill(int((trials_dir / trunk.trial_id / "pid").read_text()), signal.SIGKILL)
+    thread.join(timeout=300)
+    assert [r["status"] for r in rows] == ["finished"] * 3
+    out = capsys.readouterr().out
+    assert f"{middle.trial_id} wait for trunk {trunk.trial_id}'s retry" in out, out
+    assert f"{middle.trial_id} branches from {trunk.trial_id} at step 75" in out, out
+    run_study(spec, trials, options)
+    assert "3 already finished, 0 to run" in capsys.readouterr().out
+    assert finished_runs(tmp_path, "killed") == {t.trial_id: 1 for t in trials}
+    (trunk_run,) = [r for r in trial_runs_of(tmp_path, "killed")
+                    if r.data.tags["hybridscale.trial_id"] == trunk.trial_id]  # fmt: skip
+    assert trunk_run.info.status == "FINISHED"  # the one run, resumed
