@@ -4,7 +4,7 @@
 # checkpoints or shards, into $OUT/results.tgz. Run with carry [".device"], where
 # .device/site.tar.xz holds ray/optuna/mlflow/pydantic for a machine without network.
 # A fresh machine starts from the finished trials of .device/results.tgz (a previous
-# call's tarball, copied there); a warm one keeps its own results/, checkpoints included,
+# call's tarball, copied there; the data and compile caches stay behind: they are rebuilt); a warm one keeps its own results/, checkpoints included,
 # so calls chained within the machine's idle window lose nothing.
 #   bash bench/device_study.sh studies/scaling_1gpu.yaml 540
 spec=${1:?a study spec}
@@ -20,4 +20,5 @@ start=$(date +%s)
 timeout -s INT -k 90 "$budget" python3 -m runners.cli study "$spec" --results results 2>&1 | grep -v "^\s*$" | tail -n 150
 echo "study call took $(( $(date +%s) - start )) s"
 kill $smi
-tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='shards' --exclude='ray_train' --exclude='tokenizers' results
+tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='shards' --exclude='ray_train' \
+  --exclude='tokenizers' --exclude='results/data' --exclude='results/cache' results
