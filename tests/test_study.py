@@ -189,7 +189,9 @@ def wait_for_running_run(driver: subprocess.Popen, tmp_path: Path, study: str):
 
 
 def test_interrupted_study_ends_killed_and_reopens_on_resume(tmp_path, corpus_dir):
-    path = write_spec(tmp_path, corpus_dir, "ctrlc", ["M*-", "*-"], steps=300)
+    # Long enough (seconds of training on a CPU) that Ctrl-C lands mid-training: at 300
+    # steps a trial could finish between the store showing it RUNNING and the cancel.
+    path = write_spec(tmp_path, corpus_dir, "ctrlc", ["M*-", "*-"], steps=1500)
     driver = start_cli_study(path, tmp_path)
     wait_for_running_run(driver, tmp_path, "ctrlc")
     driver.send_signal(signal.SIGINT)
