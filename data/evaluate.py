@@ -43,6 +43,7 @@ def probe_scores(
     model,
     name: str,
     tokenizer,
+    token_bytes: np.ndarray,
     seq_len: int,
     device: torch.device,
     examples: int = 64,
@@ -52,7 +53,6 @@ def probe_scores(
     (a value, a number, a copied string) whose every token is the model's top prediction,
     and ``bpb``, the loss of the correct answers in bits per byte of their text (the task
     loss that OLMo's model ladder fits, smooth where accuracy jumps)."""
-    token_bytes = tokenizer.token_bytes()
     correct = answers = n_bytes = 0
     nats = 0.0
     rows_per_batch = max(1, BATCH_TOKENS // seq_len)

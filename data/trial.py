@@ -72,7 +72,13 @@ class TrialData:
         metrics = validation_metrics(model, self.val, self.token_bytes, config.eval_tokens, device)
         for name in config.probes:
             scores = probe_scores(
-                model, name, self.tokenizer, config.seq_len, device, config.probe_examples
+                model,
+                name,
+                self.tokenizer,
+                self.token_bytes,
+                config.seq_len,
+                device,
+                config.probe_examples,
             )
             metrics |= {f"probe_{name}_{key}": value for key, value in scores.items()}
         for name, task in self.tasks.items():

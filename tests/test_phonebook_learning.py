@@ -92,10 +92,12 @@ def test_a_small_model_learns_phonebook_lookup():
         pattern="M*", d_model=64, n_heads=4, rotary_fraction=1.0, d_state=8, ssm_headdim=32,
         expand=1, chunk_size=32, vocab_size=-(-tokenizer.vocab_size // 8) * 8,
     ))  # fmt: skip
-    cpu = torch.device("cpu")
+    cpu, token_bytes = torch.device("cpu"), tokenizer.token_bytes()
 
     def accuracy() -> float:
-        return probe_scores(model, "phonebook", tokenizer, EVAL_ROW, cpu, 256, ENTRIES)["acc"]
+        return probe_scores(
+            model, "phonebook", tokenizer, token_bytes, EVAL_ROW, cpu, 256, ENTRIES
+        )["acc"]
 
     assert accuracy() < 0.05  # chance: all of a number's tokens right, untrained
     train(model, tokenizer)

@@ -164,7 +164,7 @@ def test_copy_accuracy_and_answer_loss_of_an_oracle_a_near_miss_and_chance():
     cpu, byte = torch.device("cpu"), ByteTokenizer()
 
     def scores(model, **kwargs) -> dict:
-        return probe_scores(model, "copy", byte, 64, cpu, **kwargs)
+        return probe_scores(model, "copy", byte, byte.token_bytes(), 64, cpu, **kwargs)
 
     oracle, near_miss, chance = (scores(m, examples=24) for m in (CopyOracle(), CopyOracle(0),
                                                                   RandomModel()))  # fmt: skip
