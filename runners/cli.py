@@ -300,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # mlflow is imported late, so its error class is too
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(err, MlflowException):
+            raise
+        # e.g. a store written by another MLflow version (a GPU machine's): one line
+        print(f"error: the MLflow store: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -96,6 +97,10 @@ def spread_share(share: float, trials: int, whole_gpus: float) -> float:
 def run_remote(trial: TrialConfig, options: TrainOptions) -> TrialOutcome:
     # NVLink multicast misbehaves on shared GPUs; keep NCCL off it in every worker.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    # Ctrl-C reaches a trial as Ray's cancel, a simulated SIGINT that Python drops where
+    # SIGINT is ignored, as in a worker of a Ray started in the background by a script.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     where = {NODE_TAG: ray.get_runtime_context().get_node_id()}
     gpus = ",".join(str(i) for i in ray.get_gpu_ids())  # where Ray put it: on its run
     if gpus:
@@ -121,8 +126,10 @@ def start_ray(options: StudyOptions) -> None:
     # Workers must import this project: ship its folder when the cluster is remote.
     env = {"working_dir": str(ROOT), "excludes": ["results", ".venv", ".git"]} if address else {}
     cpus = None if address else options.cpus
-    ray.init(address=address, num_cpus=cpus, runtime_env=env or None, log_to_driver=False,
-             include_dashboard=False, configure_logging=False)  # fmt: skip
+    # "local": a Ray of our own. Given None, Ray would silently join whatever Ray another
+    # process last started on this machine, with that process's workers and signals.
+    ray.init(address=address or "local", num_cpus=cpus, runtime_env=env or None,
+             log_to_driver=False, include_dashboard=False, configure_logging=False)  # fmt: skip
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _keep_raylet_errors_off_stdout()
 

@@ -4,6 +4,9 @@ task table recovers a local task's known law and sigmoids at 8B and lists a prob
 chance as unfitted."""
 
 import json
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,8 @@ from arch.config import ModelConfig
 from arch.decode_cost import H100, decode_seconds_per_token
 from records.store import default_tracking_uri, experiment_id
 from runners.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Two mixes drawn from known laws: the hybrid has the lower loss at every scale.
 LAWS = {
@@ -135,6 +140,22 @@ def test_unknown_study_is_a_clear_error(tmp_path, capsys):
     spec.write_text("name: nothing\nmodel: {preset: tiny}\ntraining: {tokens: 1M}\n")
     assert main(["analyze", str(spec), "--results", str(tmp_path / "results")]) == 2
     assert "no runs of study 'nothing'" in capsys.readouterr().err
+
+
+def test_a_store_of_another_mlflow_version_is_a_one_line_error(tmp_path):
+    spec = tmp_path / "nothing.yaml"
+    spec.write_text("name: nothing\nmodel: {preset: tiny}\ntraining: {tokens: 1M}\n")
+    results = tmp_path / "results"
+    MlflowClient(f"sqlite:///{results / 'mlflow.db'}").search_experiments()  # creates it
+    with sqlite3.connect(results / "mlflow.db") as db:  # as an unknown MLflow would leave it
+        db.execute("UPDATE alembic_version SET version_num = 'fffffffffff0'")
+    # A new process: this one keeps the store it opened, checked once.
+    cmd = [sys.executable, "-m", "runners.cli", "analyze", str(spec), "--results", str(results)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    err = [line for line in done.stderr.splitlines() if " INFO " not in line]
+    assert len(err) == 1 and err[0].startswith("error: the MLflow store: "), done.stderr
+    assert "schema" in err[0], err
 
 
 def test_crossovers_and_ratio_curve_follow_the_laws(store):
