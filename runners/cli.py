@@ -178,7 +178,8 @@ def evaluate(args: argparse.Namespace) -> int:
         trained = from_run(client, args.target, results)
     device = args.device or ("cuda" if _cuda() else "cpu")
     model = harness_model(trained, results / "data", device, args.batch_size)
-    metrics = run_tasks(model, args.tasks.split(","), args.include_path, args.limit)
+    metrics = run_tasks(model, args.tasks.split(","), args.include_path, args.limit,
+                        args.num_fewshot)  # fmt: skip
     log_task_metrics(client, trained.run_id, metrics)
     print_table([{"task": task, **values} for task, values in metrics.items()])
     print(f"Logged to run {trained.run_id}")
@@ -289,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="a folder of task YAMLs of your own (repeatable)")  # fmt: skip
     p.add_argument("--limit", type=float, help="examples per task (a fraction if below 1)")
+    p.add_argument("--num-fewshot", type=int, metavar="K",
+                   help="K examples before each question (the paper's MMLU: 5); "
+                        "metrics logged as task/<task>_<K>shot/<metric>")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--device", help="a torch device (default: cuda if there is one)")
     storage(p)

@@ -76,10 +76,16 @@ def harness_model(
 
 
 def run_tasks(
-    model: HarnessModel, tasks: list[str], include_path: list[str] = (), limit: float | None = None
+    model: HarnessModel,
+    tasks: list[str],
+    include_path: list[str] = (),
+    limit: float | None = None,
+    num_fewshot: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Each task's numeric metrics, named as MLflow allows: "acc" for the harness's
-    "acc,none", "exact_match.strict-match" for "exact_match,strict-match"."""
+    "acc,none", "exact_match.strict-match" for "exact_match,strict-match". With
+    ``num_fewshot`` (the paper's MMLU is 5-shot) each task is keyed "<task>_<k>shot", so
+    that its metrics sit beside, not over, those of the task's own default."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -89,9 +95,11 @@ def run_tasks(
     if not include_path or not set(tasks) <= set(manager.all_tasks):
         manager = TaskManager(include_path=list(include_path) or None)
     out = simple_evaluate(model, tasks=tasks, task_manager=manager, limit=limit,
-                          log_samples=False, bootstrap_iters=1000)  # fmt: skip
+                          num_fewshot=num_fewshot, log_samples=False,
+                          bootstrap_iters=1000)  # fmt: skip
     metrics: dict[str, dict[str, float]] = {}
     for task, values in out["results"].items():
+        task = task if num_fewshot is None else f"{task}_{num_fewshot}shot"
         for key, value in values.items():
             name, _, pipeline = key.partition(",")
             if isinstance(value, int | float) and not isinstance(value, bool) and pipeline:

@@ -11,7 +11,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from runners.cli import main
-from runners.evaluate import from_run, from_spec, harness_model
+from runners.evaluate import from_run, from_spec, harness_model, run_tasks
 from runners.train import TrainOptions, train_trial
 from tests.test_train import tiny_trial
 
@@ -156,3 +156,25 @@ def test_cli_runs_local_tasks_and_logs_them_to_the_trials_run(trained, tmp_path)
     assert metrics["task/local_mc/acc"] == pytest.approx(accuracy)
     assert metrics["task/local_gen/exact_match"] == pytest.approx(exact_match)
     assert metrics["task/local_mc/acc_stderr"] > 0
+
+
+def test_few_shot_contexts_hold_another_question_and_are_logged_apart(trained, tmp_path):
+    write_tasks(tmp_path, trained.lm)
+    lm, contexts = trained.lm, []
+    answer = lm.loglikelihood
+
+    def recording(requests):
+        contexts.extend(r.args[0] for r in requests)
+        return answer(requests)
+
+    lm.loglikelihood = recording
+    try:
+        metrics = run_tasks(lm, ["local_mc"], [str(tmp_path)], num_fewshot=1)
+    finally:
+        del lm.loglikelihood
+    assert set(metrics) == {"local_mc_1shot"}
+    # One shot: each context is another document's question and answer, then its own.
+    assert len(contexts) == len(MC_QUESTIONS) * len(CHOICES)
+    for context in contexts:
+        assert sum(context.count(q) for q in MC_QUESTIONS) == 2, context
+        assert context.endswith(tuple(MC_QUESTIONS)), context
