@@ -358,13 +358,16 @@ def test_fits_of_a_branched_study_equal_fits_of_its_trials_alone(branched_and_al
         assert (mine["trial"], mine["params"], mine["tokens"], mine["flops"]) == (
             theirs["trial"], theirs["params"], theirs["tokens"], theirs["flops"])  # fmt: skip
         assert mine["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-5)
-    # L(N, D) of the branched trials within the bootstrap intervals of the same trials alone.
+    # L(N, D) of the branched trials differs from that of the same trials alone by well
+    # under the alone fit's bootstrap uncertainty. (Not "inside its percentile interval":
+    # a point estimate can sit just outside its own, as B once did at 10 resamples.)
     n, d, loss = columns(points["alone"], "params", "tokens", "val_loss")
-    samples = fit_nd(n, d, loss, resamples=10).sample_params()
+    alone = fit_nd(n, d, loss, resamples=20)
+    samples = alone.sample_params()
     n, d, loss = columns(points["branched"], "params", "tokens", "val_loss")
     for name, value in fit_law([n, d], loss).params().items():
         lo, hi = interval(samples[name])
-        assert lo <= value <= hi, (name, value, lo, hi)
+        assert abs(value - alone.params()[name]) <= (hi - lo) / 2, (name, value, lo, hi)
 
 
 def test_a_killed_trunk_is_retried_while_its_branches_wait(tmp_path, corpus_dir, local_ray, capsys):
