@@ -179,7 +179,7 @@ class GroupPool:
         and gone before the trial's retry asks for its resources."""
         workers, group = self.running.pop(trial_id)
         if outcome.status in BROKEN:
-            _end(group)
+            end_group(group)
         else:
             self.idle.append((workers, group))
 
@@ -193,7 +193,7 @@ class GroupPool:
         """Every group ends once its trial has; returns when all have."""
         self.close_idle()
         for group, closed in self.closing:
-            _end(group, closed)
+            end_group(group, closed)
         self.closing = []
 
     def kill(self) -> None:
@@ -205,7 +205,7 @@ class GroupPool:
             ray.kill(group)
 
 
-def _end(group, closed=None) -> None:
+def end_group(group, closed=None) -> None:
     """Close ``group`` (or wait for its ``closed`` ref) and end its process: its workers
     have ended and freed their resources, unless the group itself died first."""
     with contextlib.suppress(ray.exceptions.RayActorError):
@@ -222,4 +222,4 @@ def run_data_parallel(
     try:
         return ray.get(group.train.remote(trial, options))
     finally:
-        _end(group)
+        end_group(group)

@@ -20,8 +20,9 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
+from data import open_data
 from runners.config import TrialConfig
-from runners.distributed import run_data_parallel
+from runners.distributed import end_group, start_group
 from runners.driver import StudyOptions
 from runners.scheduler import run_study
 from runners.spec import SpecError, load_spec
@@ -68,23 +69,33 @@ def one_worker(trial, tmp_path_factory, data_cache) -> Trainer:
     return single
 
 
+@pytest.fixture(scope="module")
+def two_workers(trial, tmp_path_factory, data_cache, local_ray):
+    """One group of two Ray Train workers for every two-worker leg below, DDP and FSDP
+    alike, as a study's groups take trial after trial: a group takes ~40 s to start here."""
+    open_data(trial.data, data_cache)  # prepared once here: ranks never race to build it
+    group = start_group(2, False, options(tmp_path_factory.mktemp("group"), data_cache))
+    yield group
+    end_group(group)
+
+
 @pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp"])
 def test_two_workers_match_one_worker_and_resume(
-    shard, trial, one_worker, tmp_path, data_cache, local_ray
+    shard, trial, one_worker, tmp_path, data_cache, two_workers
 ):
     reference = [loss for _, _, loss in one_worker.history]
     # Two workers of two micro-batches each, stopped after 3 steps; one worker, in this
     # process, for steps 4-5; two workers again to the end. Every leg resumes from the
     # last one's checkpoint: the same file whatever wrote it, replicated, sharded or alone.
     parallel = options(tmp_path, data_cache, stop_after_steps=3, shard=shard)
-    assert run_data_parallel(trial, parallel, workers=2, use_gpu=False).status == "interrupted"
+    assert ray.get(two_workers.train.remote(trial, parallel)).status == "interrupted"
     assert Trainer(trial, replace(parallel, stop_after_steps=2)).run().status == "interrupted"
     # The last leg checkpoints by rank 0's clock, after every step (0 s): sharded, the ranks
     # gather the state together, so all must learn from rank 0 when (or they would hang).
     parallel.stop_after_steps, parallel.checkpoint_every, parallel.checkpoint_every_s = (
         None, None, 0.0
     )  # fmt: skip
-    outcome = run_data_parallel(trial, parallel, workers=2, use_gpu=False)
+    outcome = ray.get(two_workers.train.remote(trial, parallel))
     assert outcome.status == "finished", outcome.reason
 
     curve = train_loss_curve(parallel.tracking_uri, outcome.run_id)
