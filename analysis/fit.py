@@ -9,11 +9,12 @@ Uncertainty comes from the bootstrap: resample the points with replacement and r
 """
 
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import huber
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 DELTA = 1e-3
 # Hoffmann's grid: exponents 0..2 by 0.5, e in -1..1 by 0.5, a_i in 0..25 by 5.
@@ -117,6 +118,13 @@ def grid(k: int) -> np.ndarray:
     return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2 * k + 1)
 
 
+@cache
+def _blas() -> ThreadpoolController:
+    """The loaded BLAS libraries, found once: finding them takes ~3 ms with torch loaded,
+    which a bootstrap of hundreds of fits paid at every fit."""
+    return ThreadpoolController()
+
+
 def fit_law(
     x: list[np.ndarray], y: np.ndarray, starts: int | None = 32, extra: list[np.ndarray] = ()
 ) -> LawFit:
@@ -130,7 +138,7 @@ def fit_law(
     if len(extra):
         candidates = np.vstack([candidates, *extra])
     # L-BFGS-B's tiny BLAS calls slow down by 10x and more when BLAS spreads them on threads.
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _blas().limit(limits=1, user_api="blas"):
         best = min((_polish(c, logx, logy) for c in candidates), key=lambda r: r[1])
     return LawFit(best[0], best[1], len(y))
 

@@ -28,7 +28,8 @@ def sigmoid(theta: np.ndarray, loss: np.ndarray) -> np.ndarray:
     """Accuracy at ``loss``; theta (..., 4) broadcasts against loss (...), so S samples of
     theta against S losses give S accuracies."""
     a, k, l0, b = np.moveaxis(np.asarray(theta, float), -1, 0)
-    return a / (1 + np.exp(-k * (np.asarray(loss, float) - l0))) + b
+    with np.errstate(over="ignore"):  # exp overflows to inf far up a steep curve: a/inf = 0
+        return a / (1 + np.exp(-k * (np.asarray(loss, float) - l0))) + b
 
 
 @dataclass
@@ -55,7 +56,8 @@ def _jacobian(theta: np.ndarray, loss: np.ndarray) -> np.ndarray:
     """d sigmoid / d (a, k, L0, b) at each loss: exact, and several times faster than the
     solver's finite differences (the bootstraps make thousands of solves)."""
     a, k, l0, _ = theta
-    s = 1 / (1 + np.exp(-k * (loss - l0)))
+    with np.errstate(over="ignore"):  # as in sigmoid: s = 0 there, exactly its limit
+        s = 1 / (1 + np.exp(-k * (loss - l0)))
     slope = a * s * (1 - s)
     return np.stack([s, slope * (loss - l0), -slope * k, np.ones_like(loss)], axis=1)
 
