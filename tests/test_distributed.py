@@ -69,53 +69,55 @@ def one_worker(trial, tmp_path_factory, data_cache) -> Trainer:
     return single
 
 
-@pytest.fixture(scope="module")
-def two_workers(trial, tmp_path_factory, data_cache, local_ray):
-    """One group of two Ray Train workers for every two-worker leg below, DDP and FSDP
-    alike, as a study's groups take trial after trial: a group takes ~40 s to start here."""
-    open_data(trial.data, data_cache)  # prepared once here: ranks never race to build it
-    group = start_group(2, False, options(tmp_path_factory.mktemp("group"), data_cache))
-    yield group
-    end_group(group)
+class TestTwoWorkers:
+    """The two-worker legs, on one group of two Ray Train workers, DDP and FSDP alike, as
+    a study's groups take trial after trial: a group takes ~40 s to start here. The group
+    ends with this class, giving its CPUs back to the tests below."""
 
+    @pytest.fixture(scope="class")
+    def two_workers(self, trial, tmp_path_factory, data_cache, local_ray):
+        open_data(trial.data, data_cache)  # prepared once here: ranks never race to build it
+        group = start_group(2, False, options(tmp_path_factory.mktemp("group"), data_cache))
+        yield group
+        end_group(group)
 
-@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp"])
-def test_two_workers_match_one_worker_and_resume(
-    shard, trial, one_worker, tmp_path, data_cache, two_workers
-):
-    reference = [loss for _, _, loss in one_worker.history]
-    # Two workers of two micro-batches each, stopped after 3 steps; one worker, in this
-    # process, for steps 4-5; two workers again to the end. Every leg resumes from the
-    # last one's checkpoint: the same file whatever wrote it, replicated, sharded or alone.
-    parallel = options(tmp_path, data_cache, stop_after_steps=3, shard=shard)
-    assert ray.get(two_workers.train.remote(trial, parallel)).status == "interrupted"
-    assert Trainer(trial, replace(parallel, stop_after_steps=2)).run().status == "interrupted"
-    # The last leg checkpoints by rank 0's clock, after every step (0 s): sharded, the ranks
-    # gather the state together, so all must learn from rank 0 when (or they would hang).
-    parallel.stop_after_steps, parallel.checkpoint_every, parallel.checkpoint_every_s = (
-        None, None, 0.0
-    )  # fmt: skip
-    outcome = ray.get(two_workers.train.remote(trial, parallel))
-    assert outcome.status == "finished", outcome.reason
+    @pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp"])
+    def test_two_workers_match_one_worker_and_resume(
+        self, shard, trial, one_worker, tmp_path, data_cache, two_workers
+    ):
+        reference = [loss for _, _, loss in one_worker.history]
+        # Two workers of two micro-batches each, stopped after 3 steps; one worker, in this
+        # process, for steps 4-5; two workers again to the end. Every leg resumes from the
+        # last one's checkpoint: the same file whatever wrote it, replicated, sharded or alone.
+        parallel = options(tmp_path, data_cache, stop_after_steps=3, shard=shard)
+        assert ray.get(two_workers.train.remote(trial, parallel)).status == "interrupted"
+        assert Trainer(trial, replace(parallel, stop_after_steps=2)).run().status == "interrupted"
+        # The last leg checkpoints by rank 0's clock, after every step (0 s): sharded, the ranks
+        # gather the state together, so all must learn from rank 0 when (or they would hang).
+        parallel.stop_after_steps, parallel.checkpoint_every, parallel.checkpoint_every_s = (
+            None, None, 0.0
+        )  # fmt: skip
+        outcome = ray.get(two_workers.train.remote(trial, parallel))
+        assert outcome.status == "finished", outcome.reason
 
-    curve = train_loss_curve(parallel.tracking_uri, outcome.run_id)
-    assert len(curve) == len(reference) == 8
-    for step, (a, b) in enumerate(zip(curve, reference, strict=True), 1):
-        assert abs(a - b) <= 1e-5 * abs(b), (step, a, b)
-    expected = one_worker.evaluate()["val_loss"]
-    assert outcome.metrics["val_loss"] == pytest.approx(expected, rel=1e-5)
-    # Rank 0 alone keeps the record: one run, continued across the resumes, two workers.
-    client = MlflowClient(parallel.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("hybridscale").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.tags["hybridscale.workers"] == "2"
-    assert runs[0].data.tags["hybridscale.sharded"] == str(shard)
-    saved = client.get_metric_history(outcome.run_id, "checkpoint_s")
-    assert sorted({m.step for m in saved}) == [2, 3, 4, 5, 6, 7, 8]
-    log = (tmp_path / trial.trial_id / "train.log").read_text().splitlines()
-    firsts = [line for line in log if ": first step (" in line]  # what each leg's first paid
-    assert len(firsts) == 3  # the three legs: two workers, one, two
-    assert len(log) - len(firsts) == 8 + 1  # each leg resumed after the last's checkpoint
+        curve = train_loss_curve(parallel.tracking_uri, outcome.run_id)
+        assert len(curve) == len(reference) == 8
+        for step, (a, b) in enumerate(zip(curve, reference, strict=True), 1):
+            assert abs(a - b) <= 1e-5 * abs(b), (step, a, b)
+        expected = one_worker.evaluate()["val_loss"]
+        assert outcome.metrics["val_loss"] == pytest.approx(expected, rel=1e-5)
+        # Rank 0 alone keeps the record: one run, continued across the resumes, two workers.
+        client = MlflowClient(parallel.tracking_uri)
+        runs = client.search_runs([client.get_experiment_by_name("hybridscale").experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert runs[0].data.tags["hybridscale.workers"] == "2"
+        assert runs[0].data.tags["hybridscale.sharded"] == str(shard)
+        saved = client.get_metric_history(outcome.run_id, "checkpoint_s")
+        assert sorted({m.step for m in saved}) == [2, 3, 4, 5, 6, 7, 8]
+        log = (tmp_path / trial.trial_id / "train.log").read_text().splitlines()
+        firsts = [line for line in log if ": first step (" in line]  # what each leg's first paid
+        assert len(firsts) == 3  # the three legs: two workers, one, two
+        assert len(log) - len(firsts) == 8 + 1  # each leg resumed after the last's checkpoint
 
 
 SPEC = """
