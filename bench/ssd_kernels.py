@@ -11,7 +11,11 @@ writes the rows as JSON.
 
     python bench/ssd_kernels.py [--batch 8] [--seqlens 2048 4096 8192] [--groups 1 8]
                                 [--small] [--profile] [--no-extras] [--no-reference]
-                                [--out FILE]
+                                [--fla-unchecked] [--out FILE]
+
+--fla-unchecked: fla-core refuses chunk_simple_gla's backward on Hopper under Triton 3.4 up
+to 3.7.1, whose code for one of its kernels it says is wrong (fla #640); this lets it run,
+so its time is measured, and its max_rel_dev shows whether its gradients are right.
 
 --small: instead of that grid, the scaling studies' shapes (scaling_1gpu's Mamba heads:
 headdim 32, d_state 64, chunk 64, batch 32) at d_model --d-models x --seqlens.
@@ -346,12 +350,17 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="kernel times, ours and baseline")
     parser.add_argument("--no-extras", action="store_true", help="the scan only")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow reference")
+    parser.add_argument("--fla-unchecked", action="store_true", help="run fla's refused backward")
     parser.add_argument("--out")
     args = parser.parse_args()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; batch {args.batch}, "
           f"{args.heads} heads x {args.headdim}, d_state {args.dstate}, groups {args.groups} "
           f"(decode, conv, norm: the first), chunk {args.chunk}, bf16 (seqlen column: batch "
           f"for decode)", flush=True)  # fmt: skip
+    if args.fla_unchecked and chunk_simple_gla is not None:
+        import fla.ops.common.chunk_o as fla_chunk_o
+
+        fla_chunk_o.TRITON_ABOVE_3_7_1 = True  # the version its Hopper check reads
     rows = bench_scan(args)
     if not args.no_extras:
         rows += bench_step(args) + bench_conv_norm(args)

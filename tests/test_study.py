@@ -195,9 +195,9 @@ def ignoring_sigint():
 
 
 def test_interrupted_study_ends_killed_and_reopens_on_resume(tmp_path, corpus_dir):
-    # Long enough (seconds of training on a CPU) that Ctrl-C lands mid-training: at 300
-    # steps a trial could finish between the store showing it RUNNING and the cancel.
-    path = write_spec(tmp_path, corpus_dir, "ctrlc", ["M*-", "*-"], steps=1500)
+    # Long enough (seconds of training on a CPU) that Ctrl-C lands mid-training, not in
+    # the moment between the store showing a trial RUNNING and its end.
+    path = write_spec(tmp_path, corpus_dir, "ctrlc", ["M*-", "*-"], steps=500)
     driver = start_cli_study(path, tmp_path, preexec_fn=ignoring_sigint)
     wait_for_running_run(driver, tmp_path, "ctrlc")
     driver.send_signal(signal.SIGINT)
