@@ -88,7 +88,11 @@ def spread_share(share: float, trials: int, whole_gpus: float) -> float:
     """The GPU share of each of ``trials`` single-GPU trials about to start on
     ``whole_gpus`` idle GPUs. Ray places shares first-fit, so trials of an eighth of a GPU
     would all land on GPU 0 while the others idle; shares of 1/n put n on each GPU, over
-    as many GPUs as it takes. Never below the trial's own ``share``."""
+    as many GPUs as it takes. Never below the trial's own ``share``; on one GPU, just that:
+    there is nothing to spread over, and a larger share would leave no room for trials
+    that come later (a budget branched from a running trunk waited out its trunk so)."""
+    if whole_gpus < 2:
+        return share
     per_gpu = max(1, math.ceil(trials / math.floor(whole_gpus)))
     return max(share, 1 / per_gpu)
 

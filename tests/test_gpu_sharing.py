@@ -19,6 +19,9 @@ def test_spread_share_puts_n_trials_on_each_gpu():
     assert spread_share(0.125, trials=1, whole_gpus=2) == 1.0
     assert spread_share(0.125, trials=40, whole_gpus=2) == 0.125  # they fill both anyway
     assert spread_share(0.75, trials=3, whole_gpus=2) == 0.75  # never below the trial's need
+    # One GPU: no spreading. Six trunks at 1/6 each once held it all, and the budgets
+    # branched from them waited for a whole trunk to end (H100, 2026-12-07).
+    assert spread_share(0.125, trials=6, whole_gpus=1) == 0.125
 
 
 @pytest.fixture
