@@ -107,6 +107,9 @@ def train_step(model: torch.nn.Module, batch: int, seq_len: int, compile: bool):
 
     def step() -> None:
         loss_step(x, y).backward()
+        # As nanoGPT's train.py and our trainer (grad_clip 1.0, the paper's): a pass over
+        # every gradient, part of a step's cost since 2026-12-07 (earlier rows left it out).
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
