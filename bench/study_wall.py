@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("spec")
     parser.add_argument("--compare", choices=["branching", "compile"], required=True)
     parser.add_argument("--max-params", help="keep trials up to this many parameters, e.g. 1.5M")
-    parser.add_argument("--only", help="run one setting only (branched, alone, defaults, eager)")
+    parser.add_argument("--only", choices=["branched", "alone", "defaults", "eager"],
+                        help="run one setting only (of --compare's two)")  # fmt: skip
     parser.add_argument("--results", help="results folder (default: a new temporary one)")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -76,6 +77,9 @@ def main() -> None:
     if args.max_params:
         top = TypeAdapter(Count).validate_python(args.max_params)  # as a spec reads counts
         trials = [t for t in trials if param_counts(t.model)["total"] <= top]
+    timed = settings(args.compare, spec, trials)
+    if args.only and args.only not in timed:
+        parser.error(f"--only {args.only}: --compare {args.compare} has {' and '.join(timed)}")
     cost = study_cost(trials, load_throughput(), plan_branches(trials))
     print(f"{len(trials)} trials, {sum(t.tokens for t in trials):.4g} tokens; plan: "
           f"{cost.describe()}", flush=True)  # fmt: skip
@@ -88,7 +92,6 @@ def main() -> None:
     result = {"spec": args.spec, "compare": args.compare, "trials": len(trials),
               "tokens": sum(t.tokens for t in trials), "plan_flops": cost.flops,
               "plan_spent_flops": cost.spent_flops}  # fmt: skip
-    timed = settings(args.compare, spec, trials)
     for name, (study, study_trials) in timed.items():
         if args.only not in (None, name):
             continue
