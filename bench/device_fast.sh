@@ -3,6 +3,8 @@
 # cannot starve the next), run in the order named (default: all; about 35 minutes), no
 # network needed:
 #   branching  a WSD study's trials with budgets branched and alone (bench/study_wall.py);
+#   wsd        the whole WSD study, branched then alone, each cold in a process and results
+#              folder of its own (about 20 minutes: past one call, see device_detached.sh);
 #   compile    scaling_1gpu's small trials under the study's defaults and eager (the same);
 #   A_350m     through the trainer a study runs (compile: auto, the study's defaults): the
 #              350M Transformer's MFU and the hybrid's tokens/s against it, beside the
@@ -16,8 +18,8 @@
 # ray, mlflow, optuna and pydantic importable (PYTHONPATH, or .device/site.tar.xz as for
 # bench/device_study.sh), mamba_ssm's Triton files in .vendor/ for C, fla-core on
 # PYTHONPATH or as .device/fla_core-*.whl (optional). HYBRIDSCALE_AUTOTUNE defaults to 0
-# here, as device_study.sh's: set it to 1 to pay (and measure) the kernels' search, as a
-# study does by default (minutes on a fresh machine).
+# here, as device_study.sh's (set it to 1 to pay and measure the kernels' search, minutes on
+# a fresh machine), except in A_350m, which measures a study's defaults: the search on.
 #   bash bench/device_fast.sh [SECTION...]   # JSON and logs to $OUT (or /tmp/device_fast)
 set -u
 out=${OUT:-/tmp/device_fast}
@@ -49,9 +51,14 @@ run() {
   case $1 in
     branching) section branching 420 python3 bench/study_wall.py studies/scaling_1gpu_wsd.yaml \
       --compare branching --max-params 1M --results "$work/branching" --out "$out/branching.json" ;;
+    wsd) for setting in branched alone; do
+        section "wsd_$setting" 1200 python3 bench/study_wall.py studies/scaling_1gpu_wsd.yaml \
+          --compare branching --only "$setting" --results "$work/wsd_$setting" \
+          --out "$out/wsd_$setting.json"
+      done ;;
     compile) section compile 540 python3 bench/study_wall.py studies/scaling_1gpu.yaml \
       --compare compile --max-params 0.6M --results "$work/compile" --out "$out/compile.json" ;;
-    A_350m) section A_350m 420 python3 bench/train_throughput.py --sizes 350m \
+    A_350m) section A_350m 420 env HYBRIDSCALE_AUTOTUNE=1 python3 bench/train_throughput.py --sizes 350m \
       --models nanogpt transformer hybrid --batch 24 --seq-len 2048 --steps 30 \
       --work "$work" --out "$out/A_350m.json" ;;
     B_small) section B_small 130 python3 bench/train_throughput.py --sizes d224x16 d128x12 \
@@ -71,7 +78,7 @@ import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-for name in ("branching", "compile"):  # one study pair each: its JSON as it is
+for name in ("branching", "wsd_branched", "wsd_alone", "compile"):  # one study pair each: its JSON as it is
     if (out / f"{name}.json").exists():
         print(f"\n{name}: {(out / f'{name}.json').read_text()}")
 def cell(v):
