@@ -10,9 +10,12 @@
 set -u
 dir=/tmp/device_detached
 if [ $# -gt 0 ] && [ ! -f "$dir/started" ]; then
-  mkdir -p "$dir/out" && touch "$dir/started"
-  OUT=$dir/out setsid nohup bash -c "bash bench/device_fast.sh $*; touch $dir/done" \
-    > "$dir/out/device_fast.log" 2>&1 < /dev/null &
+  # From a copy of the tree: each call copies the tree afresh, and a section that started
+  # during that copy failed to import (A_350m, 2026-12-08).
+  mkdir -p "$dir/out" "$dir/tree" && touch "$dir/started"
+  tar -cf - --exclude=./.git --exclude=./.venv . | tar -xf - -C "$dir/tree"
+  (cd "$dir/tree" && OUT=$dir/out setsid nohup bash -c "bash bench/device_fast.sh $*; touch $dir/done" \
+    > "$dir/out/device_fast.log" 2>&1 < /dev/null &)
 fi
 [ -f "$dir/started" ] || { echo "nothing started: name the sections"; exit 2; }
 # Back as soon as a section writes its JSON, so no later section can keep it from coming back.
