@@ -26,4 +26,4 @@ until [ -f "$dir/done" ] || [ "$SECONDS" -ge "${WAIT:-570}" ] \
 tail -n 40 "$dir/out/device_fast.log"
 # The studies' records without their checkpoints, data shards and compile caches.
 tar -czf "${OUT:-/tmp}/device_detached.tar.gz" --exclude='*.pt' --exclude=cache --exclude=data \
-  -C / "${dir#/}/out" $(cd / && find tmp/device_fast/work -maxdepth 1 -name 'wsd_*' 2>/dev/null)
+  -C / "${dir#/}/out" $(cd / && find tmp/device_fast/work -maxdepth 1 \( -name 'wsd_*' -o -name 'study_*' \) 2>/dev/null)

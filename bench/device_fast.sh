@@ -6,11 +6,13 @@
 #   wsd        the whole WSD study, branched then alone, each cold in a process and results
 #              folder of its own (about 20 minutes: past one call, see device_detached.sh);
 #   compile    scaling_1gpu's small trials under the study's defaults and eager (the same);
+#   study      the whole scaling_1gpu, defaults then eager, as wsd (about 25 minutes);
 #   A_350m     through the trainer a study runs (compile: auto, the study's defaults): the
 #              350M Transformer's MFU and the hybrid's tokens/s against it, beside the
 #              nanoGPT-style baseline in its own compiled loop (bench/train_throughput.py);
 #   B_small    a small trial eager, compiled and in CUDA graphs at scaling_1gpu's two
 #              largest shapes: where graphs start to pay (HYBRIDSCALE_GRAPHS_BELOW);
+#   B_cross    compiled against CUDA graphs from 14M to 60M parameters: where they stop;
 #   C_ssd      the SSD scan, ours against mamba_ssm's and, where fla-core imports,
 #              chunk_simple_gla's, at the scaling studies' small shapes and the issue grid.
 #              fla compiles and autotunes its kernels at its first call: minutes.
@@ -47,15 +49,21 @@ section() {  # name, seconds, command...
   grep -v '^\s*$' "$out/$name.log" | grep -v Warning | tail -n 4 | sed 's/^/   /'
 }
 
+pair() {  # name, spec, compare, settings...: each cold, in a process and folder of its own
+  local name=$1 spec=$2 compare=$3 setting
+  shift 3
+  for setting in "$@"; do
+    section "${name}_$setting" 1500 python3 bench/study_wall.py "$spec" --compare "$compare" \
+      --only "$setting" --results "$work/${name}_$setting" --out "$out/${name}_$setting.json"
+  done
+}
+
 run() {
   case $1 in
     branching) section branching 420 python3 bench/study_wall.py studies/scaling_1gpu_wsd.yaml \
       --compare branching --max-params 1M --results "$work/branching" --out "$out/branching.json" ;;
-    wsd) for setting in branched alone; do
-        section "wsd_$setting" 1200 python3 bench/study_wall.py studies/scaling_1gpu_wsd.yaml \
-          --compare branching --only "$setting" --results "$work/wsd_$setting" \
-          --out "$out/wsd_$setting.json"
-      done ;;
+    wsd) pair wsd studies/scaling_1gpu_wsd.yaml branching branched alone ;;
+    study) pair study studies/scaling_1gpu.yaml compile defaults eager ;;
     compile) section compile 540 python3 bench/study_wall.py studies/scaling_1gpu.yaml \
       --compare compile --max-params 0.6M --results "$work/compile" --out "$out/compile.json" ;;
     A_350m) section A_350m 420 env HYBRIDSCALE_AUTOTUNE=1 python3 bench/train_throughput.py --sizes 350m \
@@ -64,6 +72,9 @@ run() {
     B_small) section B_small 130 python3 bench/train_throughput.py --sizes d224x16 d128x12 \
       --models transformer hybrid --batch 32 --seq-len 512 --steps 20 \
       --compile false true graphs --work "$work" --out "$out/B_small.json" ;;
+    B_cross) section B_cross 420 python3 bench/train_throughput.py --sizes d384x16 d512x16 \
+      d768x16 --models transformer hybrid --batch 32 --seq-len 512 --steps 30 \
+      --compile true graphs --work "$work" --out "$out/B_cross.json" ;;
     C_ssd) section C_grid 360 python3 bench/ssd_kernels.py --no-extras --no-reference \
       --fla-unchecked --out "$out/C_grid.json"
       section C_ssd 200 python3 bench/ssd_kernels.py --small --no-extras --no-reference \
@@ -78,7 +89,7 @@ import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-for name in ("branching", "wsd_branched", "wsd_alone", "compile"):  # one study pair each: its JSON as it is
+for name in ("branching", "wsd_branched", "wsd_alone", "compile", "study_defaults", "study_eager"):  # one study pair each: its JSON as it is
     if (out / f"{name}.json").exists():
         print(f"\n{name}: {(out / f'{name}.json').read_text()}")
 def cell(v):
@@ -88,6 +99,7 @@ def cell(v):
 for name, cols in [
     ("A_350m", ["model", "compile", "batch", "tokens_per_s", "mfu", "first_step_s", "vs_nanogpt", "vs_transformer", "error"]),
     ("B_small", ["size", "model", "compile", "params", "tokens_per_s", "first_step_s", "vs_eager", "vs_transformer", "error"]),
+    ("B_cross", ["size", "model", "compile", "params", "tokens_per_s", "mfu", "first_step_s", "vs_transformer", "error"]),
     ("C_grid", ["op", "seqlen", "impl", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_vs_baseline", "kernel_fwd_bwd_ms", "vs_gla_kernels", "max_rel_dev", "error"]),
     ("C_ssd", ["op", "seqlen", "impl", "fwd_bwd_ms", "fwd_bwd_vs_baseline", "kernel_fwd_bwd_ms", "vs_gla_kernels", "error"]),
 ]:

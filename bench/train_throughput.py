@@ -44,6 +44,10 @@ SHAPES = {
     "350m": (1024, 16, 48, _PAPER),
     "d128x12": (128, 4, 12, _SCALING_1GPU),
     "d224x16": (224, 7, 16, _SCALING_1GPU),
+    # Between the scaling studies' shapes and 125M: where CUDA graphs stop paying.
+    "d384x16": (384, 6, 16, _SCALING_1GPU),
+    "d512x16": (512, 8, 16, _SCALING_1GPU),
+    "d768x16": (768, 12, 16, _SCALING_1GPU),
 }
 
 
