@@ -9,7 +9,8 @@
 #   study      the whole scaling_1gpu, defaults then eager, as wsd (about 25 minutes);
 #   A_350m     through the trainer a study runs (compile: auto, the study's defaults): the
 #              350M Transformer's MFU and the hybrid's tokens/s against it, beside the
-#              nanoGPT-style baseline in its own compiled loop (bench/train_throughput.py);
+#              nanoGPT-style baseline in its own compiled loop (bench/train_throughput.py),
+#              and how long each loop leaves the GPU idle between kernels (--gaps);
 #   B_small    a small trial eager, compiled and in CUDA graphs at scaling_1gpu's two
 #              largest shapes: where graphs start to pay (HYBRIDSCALE_GRAPHS_BELOW);
 #   B_cross    compiled against CUDA graphs from 14M to 60M parameters: where they stop;
@@ -68,7 +69,7 @@ run() {
       --compare compile --max-params 0.6M --results "$work/compile" --out "$out/compile.json" ;;
     A_350m) section A_350m 420 env HYBRIDSCALE_AUTOTUNE=1 python3 bench/train_throughput.py --sizes 350m \
       --models nanogpt transformer hybrid --batch 24 --seq-len 2048 --steps 30 \
-      --work "$work" --out "$out/A_350m.json" ;;
+      --work "$work" --out "$out/A_350m.json" --gaps "$work/traces" ;;
     B_small) section B_small 130 python3 bench/train_throughput.py --sizes d224x16 d128x12 \
       --models transformer hybrid --batch 32 --seq-len 512 --steps 20 \
       --compile false true graphs --work "$work" --out "$out/B_small.json" ;;
@@ -97,7 +98,7 @@ def cell(v):
         return f"{v:,.0f}" if v >= 1000 else f"{v:.3g}"
     return "" if v is None else str(v)
 for name, cols in [
-    ("A_350m", ["model", "compile", "batch", "tokens_per_s", "mfu", "first_step_s", "vs_nanogpt", "vs_transformer", "error"]),
+    ("A_350m", ["model", "compile", "batch", "tokens_per_s", "mfu", "first_step_s", "vs_nanogpt", "vs_transformer", "step_ms", "gpu_idle", "error"]),
     ("B_small", ["size", "model", "compile", "params", "tokens_per_s", "first_step_s", "vs_eager", "vs_transformer", "error"]),
     ("B_cross", ["size", "model", "compile", "params", "tokens_per_s", "mfu", "first_step_s", "vs_transformer", "error"]),
     ("C_grid", ["op", "seqlen", "impl", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_vs_baseline", "kernel_fwd_bwd_ms", "vs_gla_kernels", "max_rel_dev", "error"]),

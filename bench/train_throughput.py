@@ -11,11 +11,14 @@ the same compile setting and to the same model eager.
 
     python bench/train_throughput.py [--sizes 125m 350m d224x16] [--batch 16]
         [--seq-len 2048] [--steps 20] [--compile auto true false graphs] [--models ...]
-        [--work DIR] [--out FILE]
+        [--work DIR] [--out FILE] [--gaps DIR]
 
 --compile: training.compile of our models, several to compare (auto: what a study does).
 --work: data, compile and autotune caches, shared by the runs that name it (default: a
 fresh temporary folder).
+--gaps: also trace 3 steps of each model (after its timed steps: the trace's cost is not
+in the tokens/s) into DIR, and report the share of a step the GPU sat idle between
+kernels (bench/trace_summary.py): where a loop loses time to its host.
 """
 
 import argparse
@@ -27,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from baseline_gpt import GPT  # bench/, beside this script
+from torch.profiler import ProfilerActivity, profile
+from trace_summary import summarize
 from trainer_path import WARMUP, medians, train_steps
 
 from arch.accounting import param_counts
@@ -120,7 +125,8 @@ def train_step(model: torch.nn.Module, batch: int, seq_len: int, compile: bool):
     return step
 
 
-def measure(model: GPT, batch: int, seq_len: int, steps: int, compile: bool) -> dict:
+def measure(model: GPT, batch: int, seq_len: int, steps: int, compile: bool,
+            trace: Path | None = None) -> dict:  # fmt: skip
     step = train_step(model, batch, seq_len, compile)
     for _ in range(3):  # compile and warm up
         step()
@@ -131,6 +137,12 @@ def measure(model: GPT, batch: int, seq_len: int, steps: int, compile: bool) -> 
         step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
+    if trace:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(str(trace))
     tok_s = batch * seq_len / seconds
     peak = peak_flops(torch.device("cuda"))
     return {
@@ -141,13 +153,15 @@ def measure(model: GPT, batch: int, seq_len: int, steps: int, compile: bool) -> 
     }  # fmt: skip
 
 
-def measure_baseline(size: str, batch: int, seq_len: int, steps: int) -> dict:
+def measure_baseline(size: str, batch: int, seq_len: int, steps: int,
+                     trace: Path | None = None) -> dict:  # fmt: skip
     """The baseline, compiled as nanoGPT trains; the batch halved until it fits, eager
     (and saying so) if compiling fails."""
     compile = True
     while batch >= 1:
         try:
-            return {**measure(baseline(size), batch, seq_len, steps, compile), "compile": compile}
+            row = measure(baseline(size), batch, seq_len, steps, compile, trace)
+            return {**row, "compile": compile}
         except torch.cuda.OutOfMemoryError:
             print(f"# nanogpt: out of memory at batch {batch}")
             batch //= 2
@@ -163,10 +177,12 @@ def measure_baseline(size: str, batch: int, seq_len: int, steps: int) -> dict:
 
 
 def measure_ours(config: ModelConfig, work: Path, batch: int, seq_len: int, steps: int,
-                 compile: str | bool) -> dict:  # fmt: skip
-    """One trial through the trainer, the batch halved until it fits."""
+                 compile: str | bool, trace: Path | None = None) -> dict:  # fmt: skip
+    """One trial through the trainer, the batch halved until it fits; traced 3 steps
+    past the timed ones (the medians skip none: 3 of them are slower)."""
     while batch >= 1:
-        outcome, uri = train_steps(config, work, seq_len, batch, steps + WARMUP, compile=compile)
+        total = steps + WARMUP + (4 if trace else 0)
+        outcome, uri = train_steps(config, work, seq_len, batch, total, trace, compile=compile)
         if outcome.status == "finished":
             return {"params": param_counts(config)["total"], "pattern": config.pattern,
                     "batch": batch, "seq_len": seq_len, "compile": compile,
@@ -177,6 +193,15 @@ def measure_ours(config: ModelConfig, work: Path, batch: int, seq_len: int, step
         batch //= 2
         torch.cuda.empty_cache()
     return {"compile": compile, "error": "out of memory at batch 1"}
+
+
+def idle_share(trace: Path) -> dict:
+    """A traced step's milliseconds and the share of them no kernel ran."""
+    try:
+        gaps = summarize(trace)
+    except SystemExit as err:  # nothing on a GPU traced: say so, keep the row
+        return {"gaps_error": str(err)}
+    return {"step_ms": gaps["span_ms"], "gpu_idle": gaps["idle_ms"] / gaps["span_ms"]}
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
@@ -200,7 +225,8 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 
 COLUMNS = ["size", "model", "compile", "params", "batch", "tokens_per_s", "mfu", "first_step_s",
-           "vs_nanogpt", "vs_transformer", "vs_eager", "peak_memory_gb", "error"]  # fmt: skip
+           "vs_nanogpt", "vs_transformer", "vs_eager", "peak_memory_gb", "gpu_idle",
+           "error"]  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
@@ -234,6 +260,7 @@ def main() -> None:
                         choices=["auto", True, False, "graphs"])  # fmt: skip
     parser.add_argument("--work", type=Path)
     parser.add_argument("--out")
+    parser.add_argument("--gaps", type=Path, help="trace 3 steps of each model into this folder")
     args = parser.parse_args()
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="train_throughput-"))
@@ -243,10 +270,17 @@ def main() -> None:
         todo += [(name, c) for name, c in ours(size).items() if name in args.models]
         for name, config in todo:
             for compile in [True] if config is None else args.compile:
+                trace = None
+                if args.gaps:
+                    args.gaps.mkdir(parents=True, exist_ok=True)
+                    trace = args.gaps / f"{size}_{name}_{compile}.json"
                 if config is None:
-                    r = measure_baseline(size, args.batch, args.seq_len, args.steps)
+                    r = measure_baseline(size, args.batch, args.seq_len, args.steps, trace)
                 else:
-                    r = measure_ours(config, work, args.batch, args.seq_len, args.steps, compile)
+                    r = measure_ours(config, work, args.batch, args.seq_len, args.steps, compile,
+                                     trace)  # fmt: skip
+                if trace and trace.exists():
+                    r |= idle_share(trace)
                 rows.append({"size": size, "model": name, **r})
                 print(json.dumps(rows[-1]), flush=True)
                 torch.cuda.empty_cache()

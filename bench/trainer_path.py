@@ -3,6 +3,7 @@ trainer (runners.train), with the study's defaults unless told otherwise, its st
 metrics read back from its MLflow run."""
 
 import math
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -17,12 +18,14 @@ WARMUP = 5  # first steps left out of the medians: compiling, autotuning, graph 
 
 
 def train_steps(model: ModelConfig, work: Path, seq_len: int, batch: int, steps: int,
-                **training) -> tuple[TrialOutcome, str]:  # fmt: skip
+                trace: Path | None = None, **training) -> tuple[TrialOutcome, str]:  # fmt: skip
     """Train ``model`` for ``steps`` steps of ``batch`` x ``seq_len`` tokens of the
     built-in corpus; ``training`` overrides the study defaults (compile, micro_batch_size,
     ...). Data, the compile and autotune cache and the MLflow store live in ``work``,
     shared by every call that names it, as a study's trials share its results folder.
-    Returns the outcome and the store's URI."""
+    ``trace``: where to write the profiler's trace of the 3 steps before the last (the
+    last ends in the final evaluation and checkpoint). Returns the outcome and the store's
+    URI."""
     trial = TrialConfig.model_validate({
         "model": model.model_dump(mode="json"), "data": {"seq_len": seq_len},
         "training": {"tokens": batch * seq_len * steps, "batch_size": batch, "lr": 1e-4,
@@ -34,8 +37,13 @@ def train_steps(model: ModelConfig, work: Path, seq_len: int, batch: int, steps:
     with tempfile.TemporaryDirectory(dir=work) as trials:
         options = TrainOptions(workdir=Path(trials), tracking_uri=uri, data_dir=work / "data",
                                experiment="bench", cache_dir=work / "cache",
-                               checkpoint_every_s=math.inf)  # fmt: skip
-        return train_trial(trial, options), uri
+                               checkpoint_every_s=math.inf,
+                               profile_steps=(steps - 3, steps - 1) if trace else None)  # fmt: skip
+        outcome = train_trial(trial, options)
+        written = Path(trials) / trial.trial_id / "profile" / "rank0.json"
+        if trace and written.exists():
+            shutil.copy(written, trace)
+        return outcome, uri
 
 
 def medians(uri: str, run_id: str) -> dict:
