@@ -16,7 +16,7 @@ the same compile setting and to the same model eager.
 --compile: training.compile of our models, several to compare (auto: what a study does).
 --work: data, compile and autotune caches, shared by the runs that name it (default: a
 fresh temporary folder).
---gaps: also trace 3 steps of each model (after its timed steps: the trace's cost is not
+--gaps: also trace 3 steps of each model (after its timed steps, so the trace's cost is not
 in the tokens/s) into DIR, and report the share of a step the GPU sat idle between
 kernels (bench/trace_summary.py): where a loop loses time to its host.
 """
@@ -178,15 +178,16 @@ def measure_baseline(size: str, batch: int, seq_len: int, steps: int,
 
 def measure_ours(config: ModelConfig, work: Path, batch: int, seq_len: int, steps: int,
                  compile: str | bool, trace: Path | None = None) -> dict:  # fmt: skip
-    """One trial through the trainer, the batch halved until it fits; traced 3 steps
-    past the timed ones (the medians skip none: 3 of them are slower)."""
+    """One trial through the trainer, the batch halved until it fits. With ``trace``, 4
+    steps more, out of the medians: 3 traced, then the last."""
+    untimed = 4 if trace else 0
     while batch >= 1:
-        total = steps + WARMUP + (4 if trace else 0)
+        total = steps + WARMUP + untimed
         outcome, uri = train_steps(config, work, seq_len, batch, total, trace, compile=compile)
         if outcome.status == "finished":
             return {"params": param_counts(config)["total"], "pattern": config.pattern,
                     "batch": batch, "seq_len": seq_len, "compile": compile,
-                    **medians(uri, outcome.run_id)}  # fmt: skip
+                    **medians(uri, outcome.run_id, untimed)}  # fmt: skip
         if outcome.status != "oom":
             return {"compile": compile, "error": f"{outcome.status}: {outcome.reason[:200]}"}
         print(f"# {config.pattern[:16]}: out of memory at batch {batch}")

@@ -46,17 +46,22 @@ def train_steps(model: ModelConfig, work: Path, seq_len: int, batch: int, steps:
         return outcome, uri
 
 
-def medians(uri: str, run_id: str) -> dict:
-    """The run's median tokens/s and MFU over the steps after WARMUP, its peak memory, and
-    what its first step paid (compiling and autotuning, see Trainer._first_step)."""
+def medians(uri: str, run_id: str, untimed: int = 0) -> dict:
+    """The run's median tokens/s and MFU over the steps after WARMUP but for its last
+    ``untimed`` (traced ones), its peak memory, and what its first step paid (compiling and
+    autotuning, see Trainer._first_step)."""
     client = MlflowClient(uri)
 
     def history(metric: str) -> list[float]:
         return [m.value for m in sorted(client.get_metric_history(run_id, metric),
                                         key=lambda m: m.step)]  # fmt: skip
 
-    row = {"tokens_per_s": statistics.median(history("tokens_per_s")[WARMUP:])}
-    if mfu := history("mfu")[WARMUP:]:
+    def timed(metric: str) -> list[float]:
+        values = history(metric)
+        return values[WARMUP : len(values) - untimed]
+
+    row = {"tokens_per_s": statistics.median(timed("tokens_per_s"))}
+    if mfu := timed("mfu"):
         row["mfu"] = statistics.median(mfu)
     if memory := history("peak_memory_gb"):
         row["peak_memory_gb"] = max(memory)
