@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from baseline_gpt import GPT  # bench/, beside this script
 from torch.profiler import ProfilerActivity, profile
 from trace_summary import summarize
-from trainer_path import WARMUP, medians, train_steps
+from trainer_path import TRACED, WARMUP, medians, train_steps
 
 from arch.accounting import param_counts
 from arch.config import ModelConfig
@@ -139,7 +139,7 @@ def measure(model: GPT, batch: int, seq_len: int, steps: int, compile: bool,
     seconds = (time.perf_counter() - start) / steps
     if trace:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
+            for _ in range(TRACED):
                 step()
             torch.cuda.synchronize()
         prof.export_chrome_trace(str(trace))
@@ -178,9 +178,9 @@ def measure_baseline(size: str, batch: int, seq_len: int, steps: int,
 
 def measure_ours(config: ModelConfig, work: Path, batch: int, seq_len: int, steps: int,
                  compile: str | bool, trace: Path | None = None) -> dict:  # fmt: skip
-    """One trial through the trainer, the batch halved until it fits. With ``trace``, 4
-    steps more, out of the medians: 3 traced, then the last."""
-    untimed = 4 if trace else 0
+    """One trial through the trainer, the batch halved until it fits. With ``trace``,
+    TRACED + 1 steps more, out of the medians: the traced ones, then the last."""
+    untimed = TRACED + 1 if trace else 0
     while batch >= 1:
         total = steps + WARMUP + untimed
         outcome, uri = train_steps(config, work, seq_len, batch, total, trace, compile=compile)
@@ -263,6 +263,8 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--gaps", type=Path, help="trace 3 steps of each model into this folder")
     args = parser.parse_args()
+    if args.gaps:
+        args.gaps.mkdir(parents=True, exist_ok=True)
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="train_throughput-"))
     rows = []
@@ -271,10 +273,7 @@ def main() -> None:
         todo += [(name, c) for name, c in ours(size).items() if name in args.models]
         for name, config in todo:
             for compile in [True] if config is None else args.compile:
-                trace = None
-                if args.gaps:
-                    args.gaps.mkdir(parents=True, exist_ok=True)
-                    trace = args.gaps / f"{size}_{name}_{compile}.json"
+                trace = args.gaps / f"{size}_{name}_{compile}.json" if args.gaps else None
                 if config is None:
                     r = measure_baseline(size, args.batch, args.seq_len, args.steps, trace)
                 else:

@@ -14,6 +14,7 @@ from arch.config import ModelConfig
 from runners.config import TrialConfig
 from runners.train import TrainOptions, TrialOutcome, train_trial
 
+TRACED = 3  # steps a trace holds (train_steps' trace, and the baseline's in train_throughput)
 WARMUP = 5  # first steps left out of the medians: compiling, autotuning, graph capture
 
 
@@ -23,7 +24,7 @@ def train_steps(model: ModelConfig, work: Path, seq_len: int, batch: int, steps:
     built-in corpus; ``training`` overrides the study defaults (compile, micro_batch_size,
     ...). Data, the compile and autotune cache and the MLflow store live in ``work``,
     shared by every call that names it, as a study's trials share its results folder.
-    ``trace``: where to write the profiler's trace of the 3 steps before the last (the
+    ``trace``: where to write the profiler's trace of the TRACED steps before the last (the
     last ends in the final evaluation and checkpoint). Returns the outcome and the store's
     URI."""
     trial = TrialConfig.model_validate({
@@ -35,10 +36,10 @@ def train_steps(model: ModelConfig, work: Path, seq_len: int, batch: int, steps:
     uri = f"sqlite:///{work / 'mlflow.db'}"
     # Its checkpoint (4.2 GB at 350M) goes with it: a trial trained again trains afresh.
     with tempfile.TemporaryDirectory(dir=work) as trials:
+        traced = (steps - TRACED, steps - 1) if trace else None
         options = TrainOptions(workdir=Path(trials), tracking_uri=uri, data_dir=work / "data",
                                experiment="bench", cache_dir=work / "cache",
-                               checkpoint_every_s=math.inf,
-                               profile_steps=(steps - 3, steps - 1) if trace else None)  # fmt: skip
+                               checkpoint_every_s=math.inf, profile_steps=traced)  # fmt: skip
         outcome = train_trial(trial, options)
         written = Path(trials) / trial.trial_id / "profile" / "rank0.json"
         if trace and written.exists():
